@@ -1,0 +1,98 @@
+"""Backend selection: which implementation runs an operation.
+
+Backends:
+    "auto"       "triton" for CUDA tensors when Triton imports and has a kernel for the op,
+                 else "torch".
+    "torch"      the efficient PyTorch fallback (``fastcaps.torch_backend``); any device.
+    "triton"     the Triton kernels; CUDA tensors, or CPU tensors under Triton's interpreter
+                 (``TRITON_INTERPRET=1`` set before triton is imported).
+    "reference"  ``fastcaps.reference``: slow and plain, for comparisons.
+
+``backend=None`` reads the ``FASTCAPS_BACKEND`` environment variable, else "auto".
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+ENV_VAR = "FASTCAPS_BACKEND"
+
+# op name -> Triton implementation; filled by the Triton modules as they land.
+_TRITON_OPS: dict[str, Callable] = {}
+
+
+def register_triton_op(name: str) -> Callable[[Callable], Callable]:
+    """Decorator the Triton modules use to make an op available to the dispatcher."""
+
+    def register(fn: Callable) -> Callable:
+        _TRITON_OPS[name] = fn
+        return fn
+
+    return register
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``import triton`` works on this machine."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising at import time
+        return False
+    return True
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend a call asked for: the argument, else ``$FASTCAPS_BACKEND``, else "auto"."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or "auto"
+        source = f"environment variable {ENV_VAR}"
+    else:
+        source = "backend"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(op: str, backend: str | None, device_tensor: Tensor) -> str:
+    """The backend that will run ``op`` on ``device_tensor``'s device: "torch", "triton" or
+    "reference". Raises when "triton" was asked for and cannot run."""
+    choice = requested_backend(backend)
+    if choice == "auto":
+        if device_tensor.is_cuda and triton_available() and op in _TRITON_OPS:
+            return "triton"
+        return "torch"
+    if choice == "triton":
+        if op not in _TRITON_OPS:
+            raise NotImplementedError(
+                f"backend='triton' has no kernel for {op} yet; use backend='torch' or 'auto'"
+            )
+        if not triton_available():
+            raise RuntimeError(
+                f"backend='triton' was requested for {op} but triton is not installed"
+            )
+        if not device_tensor.is_cuda and not triton_interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got tensors on {device_tensor.device}; "
+                "set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU, "
+                "or use backend='torch'"
+            )
+    return choice
+
+
+def implementation(op: str, backend: str | None, device_tensor: Tensor) -> Callable:
+    """The function that runs ``op`` (same signature in every backend module)."""
+    choice = resolve_backend(op, backend, device_tensor)
+    if choice == "triton":
+        return _TRITON_OPS[op]
+    from fastcaps import reference, torch_backend
+
+    return getattr(reference if choice == "reference" else torch_backend, op)

@@ -1,0 +1,305 @@
+"""MNIST-style IDX datasets: reading, verification, download, augmentation.
+
+Files are looked up in ``root`` (default ``$FASTCAPS_DATA``, else ``~/.cache/fastcaps/<name>``)
+as ``<file>.gz`` or raw ``<file>``. Every file is verified by the MD5 of its decompressed IDX
+data (which also holds for archives recompressed by a mirror). Missing files are downloaded from a
+mirror list into a temporary file beside the target, verified, then renamed into place, so an
+interrupted or corrupt download never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ENV_VAR = "FASTCAPS_DATA"
+
+# IDX type codes -> numpy dtypes (big-endian where it matters)
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_IDX_CODES = {dtype.newbyteorder(">"): code for code, dtype in _IDX_DTYPES.items()}
+
+
+class DatasetError(RuntimeError):
+    """A data file is missing, corrupt, truncated, or could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    """A dataset of four IDX files: ``files[split] = (images, labels)`` file names (no .gz) and
+    the MD5 of each decompressed file."""
+
+    name: str
+    files: dict[str, tuple[str, str]]
+    md5: dict[str, str]
+    mirrors: tuple[str, ...]
+
+
+MNIST = IdxDataset(
+    name="mnist",
+    files={
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    },
+    md5={
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    mirrors=(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ),
+)
+
+FASHION_MNIST = IdxDataset(
+    name="fashion-mnist",
+    files=MNIST.files,
+    md5={
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+)
+
+DATASETS = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}
+
+
+def default_root(dataset: IdxDataset = MNIST) -> Path:
+    """``$FASTCAPS_DATA`` if set, else ``~/.cache/fastcaps/<dataset name>``."""
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else Path.home() / ".cache" / "fastcaps" / dataset.name
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX files
+# ----------------------------------------------------------------------------------------------
+
+
+def read_idx_bytes(path: str | os.PathLike, source: str | None = None) -> bytes:
+    """The IDX bytes of ``path``, decompressed when it ends in .gz; ``source`` names it in
+    errors (default: the path)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DatasetError(f"{source or path} is truncated or corrupt ({err})") from err
+
+
+def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into an array; ``source`` names the file in errors."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DatasetError(f"{source} is not an IDX file (bad magic number {data[:4].hex()})")
+    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(
+            f"{source} is truncated: its header needs {header} bytes, got {len(data)}"
+        )
+    shape = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "corrupt (trailing bytes)"
+        raise DatasetError(
+            f"{source} is {what}: shape {shape} needs {expected} bytes, got {len(data)}; "
+            "delete it and retry"
+        )
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gz or raw) into a numpy array, without checksum verification."""
+    return parse_idx(read_idx_bytes(path), str(path))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (gzip-compressed when ``path`` ends in .gz), atomically."""
+    array = np.asarray(array)
+    big_endian = array.dtype.newbyteorder(">")
+    if big_endian not in _IDX_CODES and array.dtype not in _IDX_CODES:
+        raise ValueError(f"array dtype {array.dtype} has no IDX type code")
+    code = _IDX_CODES.get(big_endian, _IDX_CODES.get(array.dtype))
+    header = bytes([0, 0, code, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    payload = header + array.astype(big_endian).tobytes()
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload)
+    _atomic_write_bytes(Path(path), payload)
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# verified loading and download
+# ----------------------------------------------------------------------------------------------
+
+
+def _find(root: Path, name: str) -> Path | None:
+    for candidate in (root / f"{name}.gz", root / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _verified_array(path: Path, md5: str, source: str | None = None) -> np.ndarray:
+    """The array in ``path`` after checking the MD5 of its decompressed data."""
+    source = source or str(path)
+    data = read_idx_bytes(path, source)
+    array = parse_idx(data, source)
+    actual = hashlib.md5(data).hexdigest()
+    if actual != md5:
+        raise DatasetError(
+            f"{source} fails its checksum: MD5 of the decompressed data is {actual}, "
+            f"expected {md5}; it is corrupt or not the canonical file"
+        )
+    return array
+
+
+def download_file(
+    name: str, root: Path, md5: str, mirrors: Sequence[str], timeout: float = 60.0
+) -> Path:
+    """Fetch ``<mirror><name>.gz`` from the first mirror that serves a file with the right MD5
+    and store it as ``root/<name>.gz``. Nothing is left behind on failure."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{name}.gz"
+    failures = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + f"/{name}.gz"
+        # ends in .gz so that verification decompresses it; dot-prefixed so it is never found
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".part.gz")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+            _verified_array(Path(tmp), md5, source=f"the file served at {url}")
+            os.replace(tmp, target)
+            return target
+        except (OSError, urllib.error.URLError, DatasetError) as err:
+            failures.append(f"  {url}: {err}")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    raise DatasetError(
+        f"could not download {name}.gz into {root}:\n"
+        + "\n".join(failures)
+        + f"\nIf this machine is offline, copy the file there or point ${ENV_VAR} at a folder "
+        "holding it"
+    )
+
+
+def load_idx_dataset(
+    dataset: IdxDataset | str = MNIST,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    mirrors: Sequence[str] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Images [N, H, W] uint8 and labels [N] int64 of one split ("train" or "test")."""
+    if isinstance(dataset, str):
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+        dataset = DATASETS[dataset]
+    if split not in dataset.files:
+        raise ValueError(f"split must be one of {sorted(dataset.files)}, got {split!r}")
+    root = Path(root) if root is not None else default_root(dataset)
+    arrays = []
+    for name in dataset.files[split]:
+        path = _find(root, name)
+        if path is None:
+            if not download:
+                raise DatasetError(f"{name}(.gz) is missing from {root} and download=False")
+            path = download_file(name, root, dataset.md5[name], mirrors or dataset.mirrors)
+        try:
+            arrays.append(_verified_array(path, dataset.md5[name]))
+        except DatasetError as err:
+            raise DatasetError(f"{err}. Delete it to download it again") from err
+    images, labels = arrays
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetError(
+            f"{dataset.name} {split}: images {images.shape} and labels {labels.shape} do not match"
+        )
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist(
+    split: str = "train", root: str | os.PathLike | None = None, download: bool = True
+) -> tuple[Tensor, Tensor]:
+    """MNIST images [N, 28, 28] uint8 and labels [N] int64."""
+    return load_idx_dataset(MNIST, split, root, download)
+
+
+# ----------------------------------------------------------------------------------------------
+# splits and augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+def train_val_split(n: int, val_size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Disjoint index sets (train, validation) from a fixed permutation of ``range(n)``."""
+    if not 0 <= val_size < n:
+        raise ValueError(
+            f"val_size must be in [0, {n - 1}] for {n} training images, got {val_size}"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:], order[:val_size]
+
+
+def random_shift(
+    images: Tensor, max_shift: int = 2, generator: torch.Generator | None = None
+) -> Tensor:
+    """Shift every image of [B, C, H, W] by its own random offset of up to ``max_shift`` pixels in
+    each direction, filling with zeros. One gather for the whole batch, on the images' device."""
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}")
+    if max_shift == 0 or images.shape[0] == 0:
+        return images
+    batch, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(
+        0,
+        2 * max_shift + 1,
+        (2, batch),
+        generator=generator,
+        device=generator.device if generator is not None else images.device,
+    ).to(images.device)
+    rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # [B, H]
+    cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # [B, W]
+    b = torch.arange(batch, device=images.device)[:, None, None, None]
+    c = torch.arange(channels, device=images.device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]

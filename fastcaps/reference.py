@@ -1,0 +1,97 @@
+"""Plain PyTorch reference, written straight from Sabour, Frosst & Hinton (2017).
+
+This module is the oracle that every backend is tested against. It favours being obviously
+correct over being fast: no custom autograd, no layout tricks, no input validation.
+
+Shapes:
+    u       [B, Nin, Din]              input (child) capsules
+    weight  [Nin, Nout, Dout, Din]     one transform per (child, parent) pair
+    u_hat   [B, Nin, Nout, Dout]       prediction vectors
+    bias    [Nout, Dout] or None
+    v       [B, Nout, Dout]            output (parent) capsules
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
+    """Eq. 1: ``v = |s|^2 / (1 + |s|^2) * s / |s|``, with ``eps`` keeping s = 0 finite."""
+    n = (s * s).sum(dim=dim, keepdim=True)
+    return s * n / ((1 + n) * torch.sqrt(n + eps))
+
+
+def predictions(u: Tensor, weight: Tensor) -> Tensor:
+    """``u_hat[b, i, j] = weight[i, j] @ u[b, i]``: [B, Nin, Din] -> [B, Nin, Nout, Dout]."""
+    return torch.einsum("ijdk,bik->bijd", weight, u)
+
+
+def dynamic_routing(
+    u_hat: Tensor,
+    iterations: int = 3,
+    bias: Tensor | None = None,
+    *,
+    detach_logits: bool = False,
+) -> Tensor:
+    """Procedure 1 (routing by agreement): [B, Nin, Nout, Dout] -> [B, Nout, Dout].
+
+    Logits start at zero, one set per sample. Each iteration takes a softmax over the parent
+    capsules, forms ``s_j = sum_i c_ij u_hat_ij (+ bias_j)``, squashes it, and (except after the
+    last iteration) adds the agreement ``u_hat_ij . v_j`` to the logits. With
+    ``detach_logits`` the logits are constants for backward, so gradients flow only through the
+    final weighted sum.
+    """
+    batch, n_in, n_out, _ = u_hat.shape
+    logits = u_hat.new_zeros(batch, n_in, n_out)
+    for r in range(iterations):
+        c = F.softmax(logits, dim=2)  # over the parents j, separately for every child i
+        s = (c.unsqueeze(-1) * u_hat).sum(dim=1)
+        if bias is not None:
+            s = s + bias
+        v = squash(s)
+        if r < iterations - 1:
+            agreement = (u_hat * v.unsqueeze(1)).sum(dim=-1)
+            logits = logits + (agreement.detach() if detach_logits else agreement)
+    return v
+
+
+def capsule_routing(
+    u: Tensor,
+    weight: Tensor,
+    iterations: int = 3,
+    bias: Tensor | None = None,
+    *,
+    detach_logits: bool = False,
+) -> Tensor:
+    """A whole routing layer: ``dynamic_routing(predictions(u, weight), ...)``."""
+    return dynamic_routing(predictions(u, weight), iterations, bias, detach_logits=detach_logits)
+
+
+def margin_loss(
+    lengths: Tensor,
+    target: Tensor,
+    m_pos: float = 0.9,
+    m_neg: float = 0.1,
+    lam: float = 0.5,
+) -> Tensor:
+    """Eq. 4, summed over classes and averaged over the batch.
+
+    ``lengths`` is [B, classes]; ``target`` holds class indices [B] or a one-hot [B, classes].
+    """
+    if target.dim() == 1:
+        target = F.one_hot(target.long(), lengths.shape[-1])
+    target = target.to(lengths.dtype)
+    present = target * F.relu(m_pos - lengths) ** 2
+    absent = lam * (1 - target) * F.relu(lengths - m_neg) ** 2
+    return (present + absent).sum(dim=-1).mean()
+
+
+def reconstruction_loss(reconstructions: Tensor, images: Tensor, scale: float = 0.0005) -> Tensor:
+    """Sum of squared errors per image times ``scale``, averaged over the batch."""
+    diff = reconstructions.reshape(reconstructions.shape[0], -1) - images.reshape(
+        images.shape[0], -1
+    )
+    return scale * (diff * diff).sum(dim=1).mean()

@@ -1,0 +1,332 @@
+"""The "torch" backend: an efficient pure-PyTorch implementation for any device.
+
+Same semantics as ``fastcaps.reference`` but laid out for speed and memory:
+
+* The prediction vectors are held child-major, ``[Nin, B, Nout, Dout]``, the natural output of
+  one batched matmul over the input capsules. Viewed (without a copy) as ``[B * Nout, Nin, Dout]``
+  every contraction of the routing loop is a batched matmul over the (sample, parent) pairs:
+  agreement ``U @ V`` and weighted sum ``c @ U``. Gradients are written into the same layout,
+  where grad u and grad weight are again batched matmuls over the input capsules.
+* The logits are never accumulated: after r iterations they equal ``U_ij . V_j`` with
+  ``V = v_0 + ... + v_(r-1)`` (the running sum of the outputs).
+* Autograd Functions save only their inputs and the pre-squash sums ``s`` of every iteration
+  (``[R, B, Nout, Dout]``). Backward recomputes ``U`` (one batched matmul for
+  ``capsule_routing``), the coefficients of every iteration (one pass over ``U``) and walks the
+  iterations backwards. ``capsule_routing`` therefore saves nothing of size ``B * Nin * Nout``.
+* float16 and bfloat16 inputs are computed in float32 and cast back on output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float32 for half types, else the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# squash along the last dim
+# ----------------------------------------------------------------------------------------------
+
+
+def squash_forward(s: Tensor, eps: float) -> Tensor:
+    """v = s * n / ((1 + n) * sqrt(n + eps)), n = |s|^2 over the last dim."""
+    n = (s * s).sum(dim=-1, keepdim=True)
+    return s * (n / ((1 + n) * torch.sqrt(n + eps)))
+
+
+def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
+    """Gradient of ``squash_forward`` w.r.t. s: ``f(n) gv + 2 f'(n) (s . gv) s``.
+
+    ``f'(n) = (2 eps + n - n^2) / (2 (1 + n)^2 (n + eps)^1.5)`` is finite at n = 0.
+    """
+    n = (s * s).sum(dim=-1, keepdim=True)
+    root = torch.sqrt(n + eps)
+    f = n / ((1 + n) * root)
+    df = (2 * eps + n - n * n) / (2 * (1 + n) ** 2 * (n + eps) * root)
+    return f * grad_v + (2 * df * (s * grad_v).sum(dim=-1, keepdim=True)) * s
+
+
+class SquashFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, s: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(s)
+        ctx.eps = eps
+        return squash_forward(s.to(compute_dtype(s.dtype)), eps).to(s.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_v: Tensor) -> tuple[Tensor, None]:
+        (s,) = ctx.saved_tensors
+        dtype = compute_dtype(s.dtype)
+        grad_s = squash_backward(s.to(dtype), grad_v.to(dtype), ctx.eps)
+        return grad_s.to(s.dtype), None
+
+
+def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
+    """Squash along ``dim`` of any shape."""
+    return SquashFunction.apply(s.movedim(dim, -1), eps).movedim(-1, dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# prediction vectors
+# ----------------------------------------------------------------------------------------------
+
+
+def child_major_predictions(u: Tensor, weight: Tensor) -> Tensor:
+    """Prediction vectors as [Nin, B, Nout, Dout]: one batched matmul over the input capsules.
+
+    The weight is read once per child and shared by the whole batch; it is never expanded per
+    sample. This is the layout routing works on (see ``pairs_view``).
+    """
+    n_in, n_out, d_out, d_in = weight.shape
+    w = weight.reshape(n_in, n_out * d_out, d_in)
+    u_hat = torch.bmm(u.transpose(0, 1), w.transpose(1, 2))
+    return u_hat.view(n_in, u.shape[0], n_out, d_out)
+
+
+def predictions(u: Tensor, weight: Tensor) -> Tensor:
+    """``u_hat[b, i, j] = weight[i, j] @ u[b, i]``: [B, Nin, Din] -> [B, Nin, Nout, Dout]."""
+    return child_major_predictions(u, weight).transpose(0, 1).contiguous()
+
+
+def pairs_view(child_major: Tensor) -> Tensor:
+    """[Nin, B, Nout, Dout] contiguous -> a strided [B * Nout, Nin, Dout] view.
+
+    One (sample, parent) pair per matrix, so agreement and weighted sum are batched matmuls that
+    read the child-major buffer in place (no transposing copy).
+    """
+    n_in, batch, n_out, d_out = child_major.shape
+    return child_major.view(n_in, batch * n_out, d_out).transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# routing on the (sample, parent) pairs
+# ----------------------------------------------------------------------------------------------
+
+
+def route_forward(
+    pairs: Tensor, batch: int, n_out: int, bias: Tensor | None, iterations: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Routing by agreement on prediction vectors ``pairs`` [B * Nout, Nin, Dout].
+
+    Returns the output capsules v [B, Nout, Dout] and the pre-squash sums of every iteration,
+    s_all [R, B, Nout, Dout] (bias included), which is all that backward needs besides u_hat.
+    """
+    n_pairs, n_in, d_out = pairs.shape
+    total_v = pairs.new_zeros(n_pairs, d_out, 1)  # V_r = v_0 + ... + v_(r-1)
+    s_all = pairs.new_empty(iterations, batch, n_out, d_out)
+    for r in range(iterations):
+        if r == 0:  # zero logits: c = 1 / Nout for every pair
+            s = pairs.sum(dim=1) / n_out
+        else:
+            logits = torch.bmm(pairs, total_v).view(batch, n_out, n_in)
+            c = torch.softmax(logits, dim=1)  # over the parents
+            s = torch.bmm(c.view(n_pairs, 1, n_in), pairs)
+        s = s.view(batch, n_out, d_out)
+        if bias is not None:
+            s = s + bias
+        s_all[r] = s
+        v = squash_forward(s, eps)
+        total_v += v.view(n_pairs, d_out, 1)
+    return v, s_all
+
+
+def _coefficients(pairs: Tensor, V: Tensor, steps: Sequence[int]) -> Tensor:
+    """Routing coefficients of the given iterations from one pass over the pairs:
+    [B, Nout, Nin, K]."""
+    n_pairs, n_in, d_out = pairs.shape
+    _, batch, n_out, _ = V.shape
+    running = V[list(steps)].permute(1, 2, 3, 0).reshape(n_pairs, d_out, len(steps))
+    logits = torch.bmm(pairs, running).view(batch, n_out, n_in, len(steps))
+    return torch.softmax(logits, dim=1)
+
+
+def route_backward(
+    pairs: Tensor,
+    s_all: Tensor,
+    grad_v: Tensor,
+    detach_logits: bool,
+    eps: float,
+    out: Tensor,
+) -> Tensor:
+    """Backpropagate ``route_forward``: writes grad u_hat into ``out`` (any [B * Nout, Nin, Dout]
+    view, e.g. of a child-major buffer) and returns the sum over iterations of grad s
+    [B, Nout, Dout] (the gradient of a bias, before the batch sum).
+
+    Walking r = R-1 .. 0: ``gs_r = squash_backward(s_r, gv_r)``; the weighted sum gives
+    ``gU += c_r gs_r`` and ``gc_r = U . gs_r``; the softmax over parents gives
+    ``ga_r = c_r (gc_r - sum_j c_r gc_r)``, hence ``gU += ga_r V_r`` and ``gV_r = ga_r @ U``,
+    which flows into every earlier output: ``gv_t += gV_r`` for t < r. With ``detach_logits``
+    only the last weighted sum is differentiated.
+    """
+    iterations, batch, n_out, d_out = s_all.shape
+    n_pairs, n_in, _ = pairs.shape
+    v_all = squash_forward(s_all, eps)
+    V = torch.cumsum(v_all, dim=0) - v_all  # V[r] = v_0 + ... + v_(r-1)
+    steps = [iterations - 1] if detach_logits else list(range(iterations - 1, -1, -1))
+    coefficients = _coefficients(pairs, V, steps)
+
+    coef_columns: list[Tensor] = []  # gU = sum_k coef_columns[k] (outer) grad_rows[k]
+    grad_rows: list[Tensor] = []
+    grad_later = torch.zeros_like(grad_v)  # sum of gV_r over the iterations r already walked
+    grad_s_total = torch.zeros_like(grad_v)
+    for k, r in enumerate(steps):
+        grad_out = grad_later + grad_v if r == iterations - 1 else grad_later
+        grad_s = squash_backward(s_all[r], grad_out, eps)
+        grad_s_total += grad_s
+        c = coefficients[..., k]
+        coef_columns.append(c)
+        grad_rows.append(grad_s)
+        if r > 0 and not detach_logits:
+            grad_c = torch.bmm(pairs, grad_s.view(n_pairs, d_out, 1)).view(batch, n_out, n_in)
+            grad_logits = c * (grad_c - (c * grad_c).sum(dim=1, keepdim=True))
+            grad_V = torch.bmm(grad_logits.view(n_pairs, 1, n_in), pairs)
+            grad_later = grad_later + grad_V.view(batch, n_out, d_out)
+            coef_columns.append(grad_logits)
+            grad_rows.append(V[r])
+    terms = len(coef_columns)
+    lhs = torch.stack(coef_columns, dim=-1).view(n_pairs, n_in, terms)
+    rhs = torch.stack(grad_rows, dim=-2).view(n_pairs, terms, d_out)
+    torch.bmm(lhs, rhs, out=out)
+    return grad_s_total
+
+
+def _bias_grad(ctx: FunctionCtx, grad_s_total: Tensor, bias_index: int) -> Tensor | None:
+    if not ctx.needs_input_grad[bias_index]:
+        return None
+    return grad_s_total.sum(dim=0).to(ctx.bias_dtype)
+
+
+def _save_routing_options(
+    ctx: FunctionCtx, bias: Tensor | None, detach_logits: bool, eps: float
+) -> None:
+    ctx.detach_logits, ctx.eps = detach_logits, eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _routing_backward(ctx: FunctionCtx, child_major: Tensor, s_all: Tensor, grad_v: Tensor):
+    """grad u_hat as a child-major [Nin, B, Nout, Dout] tensor, and the summed grad s."""
+    grad_child = torch.empty_like(child_major)
+    grad_s_total = route_backward(
+        pairs_view(child_major),
+        s_all,
+        grad_v.to(s_all.dtype),
+        ctx.detach_logits,
+        ctx.eps,
+        out=pairs_view(grad_child),
+    )
+    return grad_child, grad_s_total
+
+
+class DynamicRoutingFunction(torch.autograd.Function):
+    """Routing on given prediction vectors; saves u_hat (an input) and s_all."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        u_hat: Tensor,
+        bias: Tensor | None,
+        iterations: int,
+        detach_logits: bool,
+        eps: float,
+    ) -> Tensor:
+        dtype = compute_dtype(u_hat.dtype)
+        child_major = _child_major_copy(u_hat, dtype)
+        bias_c = None if bias is None else bias.to(dtype)
+        batch, _, n_out, _ = u_hat.shape
+        v, s_all = route_forward(pairs_view(child_major), batch, n_out, bias_c, iterations, eps)
+        ctx.save_for_backward(u_hat, s_all)
+        _save_routing_options(ctx, bias, detach_logits, eps)
+        return v.to(u_hat.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_v: Tensor):
+        u_hat, s_all = ctx.saved_tensors
+        child_major = _child_major_copy(u_hat, s_all.dtype)
+        grad_child, grad_s_total = _routing_backward(ctx, child_major, s_all, grad_v)
+        grad_u_hat = grad_child.transpose(0, 1).to(u_hat.dtype) if ctx.needs_input_grad[0] else None
+        return grad_u_hat, _bias_grad(ctx, grad_s_total, 1), None, None, None
+
+
+def _child_major_copy(u_hat: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, Nin, Nout, Dout] -> contiguous [Nin, B, Nout, Dout] in ``dtype`` (one copy)."""
+    batch, n_in, n_out, d_out = u_hat.shape
+    out = u_hat.new_empty((n_in, batch, n_out, d_out), dtype=dtype)
+    return out.copy_(u_hat.transpose(0, 1))
+
+
+class CapsuleRoutingFunction(torch.autograd.Function):
+    """Predictions + routing; saves u, weight and s_all, and recomputes u_hat in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        u: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        iterations: int,
+        detach_logits: bool,
+        eps: float,
+    ) -> Tensor:
+        dtype = compute_dtype(u.dtype)
+        child_major = child_major_predictions(u.to(dtype), weight.to(dtype))
+        bias_c = None if bias is None else bias.to(dtype)
+        batch, n_out = u.shape[0], weight.shape[1]
+        v, s_all = route_forward(pairs_view(child_major), batch, n_out, bias_c, iterations, eps)
+        ctx.save_for_backward(u, weight, s_all)
+        _save_routing_options(ctx, bias, detach_logits, eps)
+        return v.to(u.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_v: Tensor):
+        u, weight, s_all = ctx.saved_tensors
+        u_c, weight_c = u.to(s_all.dtype), weight.to(s_all.dtype)
+        child_major = child_major_predictions(u_c, weight_c)
+        grad_child, grad_s_total = _routing_backward(ctx, child_major, s_all, grad_v)
+        del child_major
+        n_in, n_out, d_out, d_in = weight.shape
+        grad_child = grad_child.view(n_in, u.shape[0], n_out * d_out)
+        grad_u = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            w = weight_c.reshape(n_in, n_out * d_out, d_in)
+            grad_u = torch.bmm(grad_child, w).transpose(0, 1).to(u.dtype)
+        if ctx.needs_input_grad[1]:
+            # [Nin, Din, B] @ [Nin, B, Nout * Dout]: the batch reduction is the matmul's inner dim
+            grad_weight_t = torch.bmm(u_c.transpose(0, 1).transpose(1, 2), grad_child)
+            grad_weight = grad_weight_t.transpose(1, 2).reshape(n_in, n_out, d_out, d_in)
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_u, grad_weight, _bias_grad(ctx, grad_s_total, 2), None, None, None
+
+
+def dynamic_routing(
+    u_hat: Tensor,
+    iterations: int = 3,
+    bias: Tensor | None = None,
+    *,
+    detach_logits: bool = False,
+    eps: float = 1e-8,
+) -> Tensor:
+    """[B, Nin, Nout, Dout] -> [B, Nout, Dout]."""
+    return DynamicRoutingFunction.apply(u_hat, bias, iterations, detach_logits, eps)
+
+
+def capsule_routing(
+    u: Tensor,
+    weight: Tensor,
+    iterations: int = 3,
+    bias: Tensor | None = None,
+    *,
+    detach_logits: bool = False,
+    eps: float = 1e-8,
+) -> Tensor:
+    """[B, Nin, Din] x [Nin, Nout, Dout, Din] -> [B, Nout, Dout]; u_hat is not saved."""
+    return CapsuleRoutingFunction.apply(u, weight, bias, iterations, detach_logits, eps)

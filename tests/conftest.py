@@ -1,0 +1,93 @@
+"""Shared fixtures: the device fixture, the dtype tolerance table and reference comparisons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = REPO.parent / "shared" / "mnist"
+
+# Backend results in these dtypes are compared with fastcaps.reference run in float64 on the same
+# (upcast) inputs; (atol, rtol) per dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Every device test runs on the CPU, and on CUDA as well when a GPU is present (see
+    tests/test_devices.py for the skip that reports a missing GPU)."""
+    return torch.device(request.param)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A routing layer: B samples, Nin -> Nout capsules, Din -> Dout dims."""
+
+    B: int
+    Nin: int
+    Nout: int
+    Dout: int
+    Din: int
+
+    @property
+    def id(self) -> str:
+        return f"B{self.B}-I{self.Nin}-J{self.Nout}-D{self.Dout}-K{self.Din}"
+
+
+SHAPES = [
+    Shape(4, 37, 3, 5, 3),  # odd sizes
+    Shape(3, 11, 1, 4, 2),  # a single parent: c = 1
+    Shape(2, 32, 10, 16, 8),  # the MNIST layer's capsule sizes
+    Shape(1, 5, 2, 3, 1),  # Din = 1
+]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.to(torch.float64),
+        expected.to(torch.float64),
+        atol=atol,
+        rtol=rtol,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def make_layer_inputs(shape: Shape, dtype, device, bias: bool, seed: int = 0):
+    """u [B, Nin, Din], weight [Nin, Nout, Dout, Din], bias [Nout, Dout] or None, scaled so the
+    outputs are neither all saturated nor all tiny."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(shape.B, shape.Nin, shape.Din, generator=g, dtype=torch.float64)
+    weight = torch.randn(
+        shape.Nin, shape.Nout, shape.Dout, shape.Din, generator=g, dtype=torch.float64
+    )
+    weight /= shape.Din**0.5
+    b = (
+        0.5 * torch.randn(shape.Nout, shape.Dout, generator=g, dtype=torch.float64)
+        if bias
+        else None
+    )
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return cast(u), cast(weight), cast(b)
+
+
+def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
+    """Gradients of sum(output * grad_output) for the inputs that are not None."""
+    present = [t for t in inputs if t is not None]
+    return torch.autograd.grad(output, present, grad_output.to(output.dtype))
+
+
+def as_float64_leaf(t):
+    return None if t is None else t.detach().to(torch.float64).requires_grad_()

@@ -1,0 +1,217 @@
+"""The "torch" backend against fastcaps.reference: outputs and every gradient."""
+
+import pytest
+import torch
+
+import fastcaps
+from conftest import (
+    SHAPES,
+    TOLERANCES,
+    Shape,
+    as_float64_leaf,
+    assert_close,
+    grads,
+    make_layer_inputs,
+)
+from fastcaps import reference
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+DTYPE_IDS = ["f64", "f32", "bf16"]
+
+
+def check_capsule_routing(u, weight, bias, iterations, detach_logits, dtype, what=""):
+    """capsule_routing (torch backend) matches the float64 reference in value and gradients."""
+    v = fastcaps.capsule_routing(
+        u, weight, iterations, bias, detach_logits=detach_logits, backend="torch"
+    )
+    ref_inputs = [as_float64_leaf(t) for t in (u, weight, bias)]
+    v_ref = reference.capsule_routing(
+        *ref_inputs[:2], iterations, ref_inputs[2], detach_logits=detach_logits
+    )
+    assert v.dtype == u.dtype and v.shape == v_ref.shape
+    assert_close(v, v_ref, dtype, f"{what} v")
+    grad_v = torch.randn(v.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    got = grads(v, (u, weight, bias), grad_v.to(v.device))
+    expected = grads(v_ref, ref_inputs, grad_v)
+    for name, g, e in zip(("u", "weight", "bias"), got, expected, strict=False):
+        assert g.dtype == dtype
+        assert_close(g, e, dtype, f"{what} grad {name}")
+
+
+@pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("iterations", [1, 2, 3, 4], ids=lambda r: f"R{r}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_capsule_routing_matches_reference(device, dtype, shape, iterations, bias, detach_logits):
+    u, weight, b = make_layer_inputs(shape, dtype, device, bias)
+    check_capsule_routing(u, weight, b, iterations, detach_logits, dtype)
+
+
+@pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
+@pytest.mark.parametrize("iterations", [1, 3], ids=lambda r: f"R{r}")
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: s.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dynamic_routing_matches_reference(device, dtype, shape, iterations, detach_logits):
+    u, weight, bias = make_layer_inputs(shape, dtype, device, bias=True)
+    u_hat = reference.predictions(u.detach(), weight.detach()).requires_grad_()
+    v = fastcaps.dynamic_routing(
+        u_hat, iterations, bias, detach_logits=detach_logits, backend="torch"
+    )
+    u_hat64, bias64 = as_float64_leaf(u_hat), as_float64_leaf(bias)
+    v_ref = reference.dynamic_routing(u_hat64, iterations, bias64, detach_logits=detach_logits)
+    assert_close(v, v_ref, dtype, "v")
+    grad_v = torch.randn(v.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for name, g, e in zip(
+        ("u_hat", "bias"),
+        grads(v, (u_hat, bias), grad_v.to(device)),
+        grads(v_ref, (u_hat64, bias64), grad_v),
+        strict=True,
+    ):
+        assert_close(g, e, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], Shape(2, 4, 3, 2, 5)], ids=lambda s: s.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_predictions_match_reference(device, dtype, shape):
+    u, weight, _ = make_layer_inputs(shape, dtype, device, bias=False)
+    u_hat = fastcaps.predictions(u, weight, backend="torch")
+    u64, w64 = as_float64_leaf(u), as_float64_leaf(weight)
+    u_hat_ref = reference.predictions(u64, w64)
+    assert u_hat.is_contiguous() and u_hat.dtype == dtype
+    assert_close(u_hat, u_hat_ref, dtype, "u_hat")
+    grad = torch.randn(u_hat.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for name, g, e in zip(
+        ("u", "weight"),
+        grads(u_hat, (u, weight), grad.to(device)),
+        grads(u_hat_ref, (u64, w64), grad),
+        strict=True,
+    ):
+        assert_close(g, e, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dim", [-1, 0, 1], ids=lambda d: f"dim{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_squash_matches_reference(device, dtype, dim):
+    g = torch.Generator().manual_seed(7)
+    s64 = torch.randn(5, 7, 13, generator=g, dtype=torch.float64)
+    s64[1, 2] = 0  # a zero vector (along the last dim)
+    s = s64.to(device=device, dtype=dtype).requires_grad_()
+    v = fastcaps.squash(s, dim=dim, backend="torch")
+    s_ref = as_float64_leaf(s)
+    v_ref = reference.squash(s_ref, dim=dim)
+    assert_close(v, v_ref, dtype, "v")
+    grad_v = torch.randn(v.shape, generator=g, dtype=torch.float64)
+    (gs,) = grads(v, (s,), grad_v.to(device))
+    (gs_ref,) = grads(v_ref, (s_ref,), grad_v)
+    assert torch.isfinite(gs).all()
+    assert_close(gs, gs_ref, dtype, "grad s")
+
+
+@pytest.mark.parametrize("iterations", [1, 3], ids=lambda r: f"R{r}")
+def test_gradcheck_float64(iterations):
+    # numerical Jacobians: only the full-gradient mode is the true derivative (detach_logits
+    # drops terms on purpose and is checked against the reference instead)
+    g = torch.Generator().manual_seed(8)
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 5, 3, generator=g, **opts)
+    weight = torch.randn(5, 3, 4, 3, generator=g, **opts)
+    bias = torch.randn(3, 4, generator=g, **opts)
+    u_hat = torch.randn(2, 5, 3, 4, generator=g, **opts)
+    s = torch.randn(3, 6, generator=g, **opts)
+    assert torch.autograd.gradcheck(
+        lambda u, w, b: fastcaps.capsule_routing(u, w, iterations, b, backend="torch"),
+        (u, weight, bias),
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, b: fastcaps.dynamic_routing(x, iterations, b, backend="torch"), (u_hat, bias)
+    )
+    assert torch.autograd.gradcheck(lambda x: fastcaps.squash(x, backend="torch"), (s,))
+    assert torch.autograd.gradcheck(
+        lambda a, b: fastcaps.predictions(a, b, backend="torch"), (u, weight)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_zero_vectors(device, dtype):
+    shape = SHAPES[0]
+    u, weight, bias = make_layer_inputs(shape, dtype, device, bias=False)
+    with torch.no_grad():
+        u[1] = 0  # a whole sample of zero capsules: s = 0 in every iteration
+        u[2, :5] = 0  # some zero capsules
+    check_capsule_routing(u, weight, bias, 3, False, dtype, "zero inputs")
+    zero_u = torch.zeros_like(u).requires_grad_()
+    v = fastcaps.capsule_routing(zero_u, weight, 3, backend="torch")
+    assert torch.equal(v, torch.zeros_like(v))
+    gu, gw = torch.autograd.grad(v.sum(), (zero_u, weight))
+    assert torch.isfinite(gu).all() and torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
+def test_non_contiguous_inputs(device, detach_logits):
+    shape = SHAPES[0]
+    g = torch.Generator().manual_seed(10)
+    # u as a transposed view, weight as a permuted view, bias as a strided slice
+    u = torch.randn(shape.Nin, shape.B, shape.Din, generator=g, dtype=torch.float64).transpose(0, 1)
+    weight = torch.randn(
+        shape.Din, shape.Nout, shape.Dout, shape.Nin, generator=g, dtype=torch.float64
+    )
+    weight = weight.permute(3, 1, 2, 0) / shape.Din**0.5
+    bias = torch.randn(shape.Nout, 2 * shape.Dout, generator=g, dtype=torch.float64)[:, ::2]
+    u, weight, bias = (t.to(device).requires_grad_() for t in (u, weight, bias))
+    assert not u.is_contiguous() and not weight.is_contiguous() and not bias.is_contiguous()
+    check_capsule_routing(u, weight, bias, 3, detach_logits, torch.float64, "non-contiguous")
+    u_hat = (
+        reference.predictions(u.detach(), weight.detach())
+        .transpose(1, 2)
+        .contiguous()
+        .transpose(1, 2)
+    )
+    assert not u_hat.is_contiguous()
+    torch.testing.assert_close(
+        fastcaps.dynamic_routing(u_hat, 3, bias.detach(), backend="torch"),
+        reference.dynamic_routing(u_hat, 3, bias.detach()),
+    )
+
+
+def test_empty_batch(device):
+    shape = Shape(0, 6, 3, 4, 2)
+    u, weight, bias = make_layer_inputs(shape, torch.float32, device, bias=True)
+    v = fastcaps.capsule_routing(u, weight, 3, bias, backend="torch")
+    assert v.shape == (0, 3, 4)
+    gu, gw, gb = torch.autograd.grad(v.sum(), (u, weight, bias))
+    assert (
+        gu.shape == u.shape
+        and torch.equal(gw, torch.zeros_like(gw))
+        and torch.equal(gb, torch.zeros_like(gb))
+    )
+    u_hat = torch.zeros(0, 6, 3, 4, device=device, requires_grad=True)
+    v = fastcaps.dynamic_routing(u_hat, 2, backend="torch")
+    assert v.shape == (0, 3, 4)
+    (g,) = torch.autograd.grad(v.sum(), (u_hat,))
+    assert g.shape == u_hat.shape
+    assert fastcaps.predictions(u, weight, backend="torch").shape == (0, 6, 3, 4)
+
+
+def test_capsule_routing_saves_nothing_of_u_hat_size():
+    shape = Shape(8, 40, 6, 8, 4)
+    u, weight, bias = make_layer_inputs(shape, torch.float32, "cpu", bias=True)
+    inputs = {t.data_ptr() for t in (u, weight, bias)}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        v = fastcaps.capsule_routing(u, weight, 3, bias, backend="torch")
+    assert saved, "the hook saw no saved tensor"
+    state = [t for t in saved if t.data_ptr() not in inputs]
+    # besides its inputs, only the per-iteration sums s: [R, B, Nout, Dout]
+    assert [tuple(t.shape) for t in state] == [(3, shape.B, shape.Nout, shape.Dout)]
+    v.sum().backward()  # the graph still works with only those tensors
+    assert u.grad is not None and torch.isfinite(u.grad).all()
+
+
+def test_tolerance_table_covers_tested_dtypes():
+    assert set(DTYPES) <= set(TOLERANCES)
