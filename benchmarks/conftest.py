@@ -11,7 +11,8 @@ from benchmarks.harness import FULL_LAYERS, TINY_LAYERS
 
 def pytest_generate_tests(metafunc):
     if "layer" in metafunc.fixturenames:
-        disabled = metafunc.config.getoption("benchmark_disable", False)
+        options = metafunc.config.option
+        disabled = options.benchmark_disable and not options.benchmark_enable
         layers = TINY_LAYERS if disabled else FULL_LAYERS
         metafunc.parametrize("layer", layers, ids=[layer.id for layer in layers])
 
