@@ -95,11 +95,13 @@ def test_bad_input_names_the_argument(call, pattern):
         call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixing devices needs a CUDA device")
 def test_mixed_devices_are_rejected():
     u, weight = layer()
-    with pytest.raises(ValueError, match=r"weight is on cuda:0 but u is on cpu"):
-        fastcaps.capsule_routing(u, weight.cuda())
+    other = "cuda" if torch.cuda.is_available() else "meta"  # meta tensors stand in for a GPU
+    with pytest.raises(ValueError, match=rf"weight is on {other}(:0)? but u is on cpu"):
+        fastcaps.capsule_routing(u, weight.to(other))
+    with pytest.raises(ValueError, match=rf"bias is on {other}(:0)? but u_hat is on cpu"):
+        fastcaps.dynamic_routing(torch.randn(2, 5, 3, 4), bias=torch.randn(3, 4, device=other))
 
 
 def test_unknown_backend_is_rejected():
