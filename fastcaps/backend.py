@@ -14,6 +14,7 @@ Backends:
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable
 
@@ -22,8 +23,10 @@ from torch import Tensor
 BACKENDS = ("auto", "torch", "triton", "reference")
 ENV_VAR = "FASTCAPS_BACKEND"
 
-# op name -> Triton implementation; filled by the Triton modules as they land.
+# op name -> Triton implementation; filled by the Triton modules when they are imported.
 _TRITON_OPS: dict[str, Callable] = {}
+# Imported on the first call that may use Triton, so `import fastcaps` never imports triton.
+_TRITON_MODULES = ("fastcaps.triton_squash",)
 
 
 def register_triton_op(name: str) -> Callable[[Callable], Callable]:
@@ -44,6 +47,14 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install raising at import time
         return False
     return True
+
+
+@functools.cache
+def load_triton_ops() -> None:
+    """Import the Triton modules (they register their ops) when triton is installed."""
+    if triton_available():
+        for module in _TRITON_MODULES:
+            importlib.import_module(module)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -67,10 +78,13 @@ def resolve_backend(op: str, backend: str | None, device_tensor: Tensor) -> str:
     "reference". Raises when "triton" was asked for and cannot run."""
     choice = requested_backend(backend)
     if choice == "auto":
-        if device_tensor.is_cuda and triton_available() and op in _TRITON_OPS:
-            return "triton"
+        if device_tensor.is_cuda and triton_available():
+            load_triton_ops()
+            if op in _TRITON_OPS:
+                return "triton"
         return "torch"
     if choice == "triton":
+        load_triton_ops()
         if op not in _TRITON_OPS:
             raise NotImplementedError(
                 f"backend='triton' has no kernel for {op} yet; use backend='torch' or 'auto'"

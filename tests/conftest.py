@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. This must be set
+# before triton is first imported, which fastcaps does lazily, on the first Triton call.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "mnist"

@@ -134,29 +134,32 @@ def test_auto_uses_torch_on_cpu(monkeypatch):
 
 
 def test_triton_without_a_kernel_raises_not_implemented(monkeypatch):
-    monkeypatch.setattr(backend_module, "_TRITON_OPS", {})
+    monkeypatch.delitem(backend_module._TRITON_OPS, "capsule_routing", raising=False)
     with pytest.raises(NotImplementedError, match=r"no kernel for capsule_routing"):
         fastcaps.capsule_routing(*layer(), backend="triton")
 
 
+def fake_kernel(s):
+    return s
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(backend_module, "_TRITON_OPS", {"squash": lambda s, dim, eps: s})
+    monkeypatch.setitem(backend_module._TRITON_OPS, "fake_op", fake_kernel)
     monkeypatch.setattr(backend_module, "triton_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"needs CUDA tensors.*TRITON_INTERPRET=1"):
-        fastcaps.squash(torch.randn(2, 3), backend="triton")
+        backend_module.implementation("fake_op", "triton", torch.randn(2, 3))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    s = torch.randn(2, 3)
-    assert fastcaps.squash(s, backend="triton") is s  # dispatched to the registered kernel
+    assert backend_module.implementation("fake_op", "triton", torch.randn(2, 3)) is fake_kernel
 
 
 def test_auto_picks_a_registered_triton_kernel_only_on_cuda(monkeypatch):
-    monkeypatch.setattr(backend_module, "_TRITON_OPS", {"squash": lambda s, dim, eps: s})
+    monkeypatch.setitem(backend_module._TRITON_OPS, "fake_op", fake_kernel)
     monkeypatch.setattr(backend_module, "triton_available", lambda: True)
-    assert backend_module.resolve_backend("squash", "auto", torch.zeros(1)) == "torch"
-    assert (
-        backend_module.resolve_backend("squash", "auto", torch.zeros(1, device="meta")) == "torch"
-    )
+    for device in ("cpu", "meta"):
+        assert backend_module.resolve_backend("fake_op", "auto", torch.zeros(1, device=device)) == (
+            "torch"
+        )
 
 
 @pytest.mark.parametrize("name", ["torch", "reference"])

@@ -1,0 +1,70 @@
+"""squash over the last dim of a [rows, D] view: forward and backward, one row block per program.
+
+``v = s * f(n)``, ``n = |s|^2``, ``f(n) = n / ((1 + n) sqrt(n + eps))``; backward
+``gs = f gv + 2 f'(n) (s . gv) s`` with ``f'(n) = (2 eps + n - n^2) / (2 (1 + n)^2 (n + eps)^1.5)``,
+finite at n = 0. Math in COMPUTE_DTYPE (float32, or float64 for float64 inputs); offsets in int64.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_block(pid, n_rows, d, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < d)
+    return rows, cols, mask
+
+
+@triton.jit
+def squash_forward_kernel(
+    s_ptr,
+    v_ptr,
+    n_rows,
+    d,
+    stride_s_row,
+    stride_s_col,
+    eps,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
+    s_offsets = rows[:, None] * stride_s_row + cols[None, :] * stride_s_col
+    s = tl.load(s_ptr + s_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    n = tl.sum(s * s, axis=1)
+    scale = n / ((1.0 + n) * tl.sqrt(n + eps))
+    v = s * scale[:, None]
+    tl.store(v_ptr + rows[:, None] * d + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def squash_backward_kernel(
+    s_ptr,
+    grad_v_ptr,
+    grad_s_ptr,
+    n_rows,
+    d,
+    stride_s_row,
+    stride_s_col,
+    stride_g_row,
+    stride_g_col,
+    eps,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
+    s_offsets = rows[:, None] * stride_s_row + cols[None, :] * stride_s_col
+    g_offsets = rows[:, None] * stride_g_row + cols[None, :] * stride_g_col
+    s = tl.load(s_ptr + s_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    grad_v = tl.load(grad_v_ptr + g_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    n = tl.sum(s * s, axis=1)
+    root = tl.sqrt(n + eps)
+    f = n / ((1.0 + n) * root)
+    df = (2.0 * eps + n - n * n) / (2.0 * (1.0 + n) * (1.0 + n) * (n + eps) * root)
+    dot = tl.sum(s * grad_v, axis=1)
+    grad_s = f[:, None] * grad_v + (2.0 * df * dot)[:, None] * s
+    out_offsets = rows[:, None] * d + cols[None, :]
+    tl.store(grad_s_ptr + out_offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,55 @@
+"""The Triton squash kernels against fastcaps.reference (under the interpreter without a GPU)."""
+
+import pytest
+import torch
+
+import fastcaps
+from conftest import as_float64_leaf, assert_close, grads
+from fastcaps import reference
+
+pytest.importorskip("triton", reason="the triton backend needs triton installed")
+
+DTYPES = [torch.float64, torch.float32] + (
+    [torch.float16, torch.bfloat16] if torch.cuda.is_available() else []
+)  # the interpreter has no half-precision arithmetic
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,dim",
+    [((6, 5), -1), ((3, 7, 16), -1), ((2, 33, 4), 1), ((4, 64), 1), ((9, 1), -1), ((0, 8), -1)],
+    ids=["R6-D5", "R21-D16", "D33-middle", "D64", "D1", "empty"],
+)
+def test_squash_matches_reference(device, dtype, shape, dim):
+    g = torch.Generator().manual_seed(0)
+    s64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    if s64.numel():
+        s64.view(-1)[: shape[-1]] = 0  # zero vectors along the last dim
+        s64.movedim(dim, -1).reshape(-1, s64.shape[dim])[0] = 0  # and along dim
+    s = s64.to(device=device, dtype=dtype).requires_grad_()
+    v = fastcaps.squash(s, dim=dim, backend="triton")
+    s_ref = as_float64_leaf(s)
+    v_ref = reference.squash(s_ref, dim=dim)
+    assert v.dtype == dtype and v.shape == s.shape
+    assert_close(v, v_ref, dtype, "v")
+    grad_v = torch.randn(v.shape, generator=g, dtype=torch.float64)
+    (gs,) = grads(v, (s,), grad_v.to(device))
+    (gs_ref,) = grads(v_ref, (s_ref,), grad_v)
+    assert torch.isfinite(gs).all()
+    assert_close(gs, gs_ref, dtype, "grad s")
+
+
+def test_squash_non_contiguous(device):
+    base = torch.randn(7, 10, 12, dtype=torch.float64, device=device)
+    s = base[:, ::2, 1:10].transpose(0, 1).requires_grad_()  # strided in every dim
+    assert not s.is_contiguous()
+    v = fastcaps.squash(s, backend="triton")
+    torch.testing.assert_close(v, reference.squash(s))
+    (gs,) = torch.autograd.grad(v.sum(), s)
+    (gs_ref,) = torch.autograd.grad(reference.squash(s).sum(), s)
+    torch.testing.assert_close(gs, gs_ref)
+
+
+def test_squash_gradcheck(device):
+    s = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: fastcaps.squash(x, backend="triton"), (s,))
