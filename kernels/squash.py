@@ -18,6 +18,12 @@ def _row_block(pid, n_rows, d, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _load_block(ptr, rows, cols, mask, stride_row, stride_col, COMPUTE_DTYPE: tl.constexpr):
+    offsets = rows[:, None] * stride_row + cols[None, :] * stride_col
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+
+
+@triton.jit
 def squash_forward_kernel(
     s_ptr,
     v_ptr,
@@ -31,8 +37,7 @@ def squash_forward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
-    s_offsets = rows[:, None] * stride_s_row + cols[None, :] * stride_s_col
-    s = tl.load(s_ptr + s_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
     n = tl.sum(s * s, axis=1)
     scale = n / ((1.0 + n) * tl.sqrt(n + eps))
     v = s * scale[:, None]
@@ -56,10 +61,8 @@ def squash_backward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
-    s_offsets = rows[:, None] * stride_s_row + cols[None, :] * stride_s_col
-    g_offsets = rows[:, None] * stride_g_row + cols[None, :] * stride_g_col
-    s = tl.load(s_ptr + s_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    grad_v = tl.load(grad_v_ptr + g_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
+    grad_v = _load_block(grad_v_ptr, rows, cols, mask, stride_g_row, stride_g_col, COMPUTE_DTYPE)
     n = tl.sum(s * s, axis=1)
     root = tl.sqrt(n + eps)
     f = n / ((1.0 + n) * root)

@@ -98,3 +98,22 @@ def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
 
 def as_float64_leaf(t):
     return None if t is None else t.detach().to(torch.float64).requires_grad_()
+
+
+def check_squash(backend: str, s64: torch.Tensor, dim: int, dtype, device) -> None:
+    """squash on ``backend`` matches the float64 reference in value and gradient, and the
+    gradient is finite (``s64`` should hold zero vectors)."""
+    import fastcaps
+    from fastcaps import reference
+
+    s = s64.to(device=device, dtype=dtype).requires_grad_()
+    v = fastcaps.squash(s, dim=dim, backend=backend)
+    s_ref = as_float64_leaf(s)
+    v_ref = reference.squash(s_ref, dim=dim)
+    assert v.dtype == dtype and v.shape == s.shape
+    assert_close(v, v_ref, dtype, "v")
+    grad_v = torch.randn(v.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    (gs,) = grads(v, (s,), grad_v.to(device))
+    (gs_ref,) = grads(v_ref, (s_ref,), grad_v)
+    assert torch.isfinite(gs).all()
+    assert_close(gs, gs_ref, dtype, "grad s")

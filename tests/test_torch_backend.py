@@ -10,6 +10,7 @@ from conftest import (
     Shape,
     as_float64_leaf,
     assert_close,
+    check_squash,
     grads,
     make_layer_inputs,
 )
@@ -96,16 +97,7 @@ def test_squash_matches_reference(device, dtype, dim):
     g = torch.Generator().manual_seed(7)
     s64 = torch.randn(5, 7, 13, generator=g, dtype=torch.float64)
     s64[1, 2] = 0  # a zero vector (along the last dim)
-    s = s64.to(device=device, dtype=dtype).requires_grad_()
-    v = fastcaps.squash(s, dim=dim, backend="torch")
-    s_ref = as_float64_leaf(s)
-    v_ref = reference.squash(s_ref, dim=dim)
-    assert_close(v, v_ref, dtype, "v")
-    grad_v = torch.randn(v.shape, generator=g, dtype=torch.float64)
-    (gs,) = grads(v, (s,), grad_v.to(device))
-    (gs_ref,) = grads(v_ref, (s_ref,), grad_v)
-    assert torch.isfinite(gs).all()
-    assert_close(gs, gs_ref, dtype, "grad s")
+    check_squash("torch", s64, dim, dtype, device)
 
 
 @pytest.mark.parametrize("iterations", [1, 3], ids=lambda r: f"R{r}")

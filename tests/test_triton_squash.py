@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastcaps
-from conftest import as_float64_leaf, assert_close, grads
+from conftest import check_squash
 from fastcaps import reference
 
 pytest.importorskip("triton", reason="the triton backend needs triton installed")
@@ -26,17 +26,7 @@ def test_squash_matches_reference(device, dtype, shape, dim):
     if s64.numel():
         s64.view(-1)[: shape[-1]] = 0  # zero vectors along the last dim
         s64.movedim(dim, -1).reshape(-1, s64.shape[dim])[0] = 0  # and along dim
-    s = s64.to(device=device, dtype=dtype).requires_grad_()
-    v = fastcaps.squash(s, dim=dim, backend="triton")
-    s_ref = as_float64_leaf(s)
-    v_ref = reference.squash(s_ref, dim=dim)
-    assert v.dtype == dtype and v.shape == s.shape
-    assert_close(v, v_ref, dtype, "v")
-    grad_v = torch.randn(v.shape, generator=g, dtype=torch.float64)
-    (gs,) = grads(v, (s,), grad_v.to(device))
-    (gs_ref,) = grads(v_ref, (s_ref,), grad_v)
-    assert torch.isfinite(gs).all()
-    assert_close(gs, gs_ref, dtype, "grad s")
+    check_squash("triton", s64, dim, dtype, device)
 
 
 def test_squash_non_contiguous(device):
