@@ -26,7 +26,11 @@ ENV_VAR = "FASTCAPS_BACKEND"
 # op name -> Triton implementation; filled by the Triton modules when they are imported.
 _TRITON_OPS: dict[str, Callable] = {}
 # Imported on the first call that may use Triton, so `import fastcaps` never imports triton.
-_TRITON_MODULES = ("fastcaps.triton_squash",)
+_TRITON_MODULES = (
+    "fastcaps.triton_squash",
+    "fastcaps.triton_predictions",
+    "fastcaps.triton_routing",
+)
 
 
 def register_triton_op(name: str) -> Callable[[Callable], Callable]:

@@ -31,3 +31,35 @@ def row_launch(n_rows: int, d: int) -> RowLaunch:
 def compute_dtype(dtype: torch.dtype):
     """The in-kernel math type: float64 for float64 tensors, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@dataclass(frozen=True)
+class PairTiles:
+    """Settings for kernels whose programs hold [block_i, block_j, block_d] tiles of u_hat: a
+    few input capsules times every (parent, dim) pair, padded to powers of two and masked."""
+
+    block_i: int
+    block_j: int
+    block_d: int
+    num_warps: int
+
+    def tiles(self, n_in: int) -> int:
+        return triton.cdiv(n_in, self.block_i)
+
+
+def pair_tiles(n_in: int, n_out: int, d_out: int) -> PairTiles:
+    """About 4K tile elements per program (the MNIST layer: 16 capsules x 16 parents x 16 dims),
+    at least one whole capsule row."""
+    block_j = triton.next_power_of_2(n_out)
+    block_d = triton.next_power_of_2(d_out)
+    per_capsule = block_j * block_d
+    block_i = max(1, min(triton.next_power_of_2(max(n_in, 1)), 4096 // per_capsule))
+    num_warps = 8 if block_i * per_capsule >= 4096 else 4
+    return PairTiles(block_i, block_j, block_d, num_warps)
+
+
+def batch_chunks(batch: int, n_tiles: int, min_programs: int = 512) -> int:
+    """Samples per program for reductions over the batch (grad weight): enough programs to fill a
+    GPU, as few partial sums as that allows."""
+    chunks = max(1, min(batch, triton.cdiv(min_programs, max(n_tiles, 1))))
+    return triton.cdiv(batch, chunks)
