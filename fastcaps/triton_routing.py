@@ -145,7 +145,9 @@ class TritonDynamicRoutingFunction(torch.autograd.Function):
         detach_logits: bool,
         eps: float,
     ) -> Tensor:
-        v, s_all, V_all = routing_forward(PairSource(u_hat=u_hat), bias, iterations, eps, u_hat.dtype)
+        v, s_all, V_all = routing_forward(
+            PairSource(u_hat=u_hat), bias, iterations, eps, u_hat.dtype
+        )
         ctx.save_for_backward(u_hat, s_all, V_all)
         ctx.detach_logits, ctx.eps = detach_logits, eps
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -225,9 +225,7 @@ def routing_backward_state_kernel(
             V = tl.load(V_all_ptr + offset, mask=capsule_mask, other=0.0)
             grad_V = tl.zeros((BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)
             for i0 in range(0, n_in, BLOCK_I):
-                i, j, d, mask = pair_tile_offsets(
-                    i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D
-                )
+                i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
                 tile = _u_hat_tile(
                     u_hat_ptr, u_ptr, w_ptr, b, i, j, d, mask, n_in,
                     stride_uh_b, stride_uh_i, stride_uh_j, stride_uh_d, stride_u_b, stride_u_i,

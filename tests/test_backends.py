@@ -1,4 +1,12 @@
-"""The "torch" backend against fastcaps.reference: outputs and every gradient."""
+"""The "torch" and "triton" backends against fastcaps.reference: outputs and every gradient.
+
+Without a GPU the triton backend runs under Triton's interpreter (see tests/conftest.py) in
+float64 and float32: the interpreter has no half-precision arithmetic. With a GPU it runs on CUDA
+in float16 and bfloat16 as well.
+"""
+
+import functools
+import importlib.util
 
 import pytest
 import torch
@@ -16,14 +24,52 @@ from conftest import (
 )
 from fastcaps import reference
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-DTYPE_IDS = ["f64", "f32", "bf16"]
+CUDA = torch.cuda.is_available()
+TRITON = importlib.util.find_spec("triton") is not None
+DTYPE_NAMES = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+}
+BACKEND_DTYPES = [
+    ("torch", torch.float64),
+    ("torch", torch.float32),
+    ("torch", torch.bfloat16),
+    ("triton", torch.float64),
+    ("triton", torch.float32),
+] + ([("triton", torch.float16), ("triton", torch.bfloat16)] if CUDA else [])
 
 
-def check_capsule_routing(u, weight, bias, iterations, detach_logits, dtype, what=""):
-    """capsule_routing (torch backend) matches the float64 reference in value and gradients."""
+def backend_params(pairs):
+    """pytest params ``(backend, dtype)`` with ids like ``triton-f32``; triton ones skip (with the
+    reason) when triton is not installed."""
+    skip_triton = pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+    return [
+        pytest.param(name, dtype, id=f"{name}-{DTYPE_NAMES[dtype]}",
+                     marks=[skip_triton] if name == "triton" else [])
+        for name, dtype in pairs
+    ]  # fmt: skip
+
+
+ALL = backend_params(BACKEND_DTYPES)
+FULL_PRECISION = backend_params([p for p in BACKEND_DTYPES if p[1] == torch.float64])
+BACKENDS = backend_params([("torch", torch.float64), ("triton", torch.float64)])
+
+
+@pytest.fixture
+def on_device(device, backend):
+    """The device fixture, minus CPU for triton when a GPU is present (the interpreter is only
+    switched on for machines without one)."""
+    if backend == "triton" and device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    return device
+
+
+def check_capsule_routing(backend, u, weight, bias, iterations, detach_logits, dtype, what=""):
+    """capsule_routing on ``backend`` matches the float64 reference in value and gradients."""
     v = fastcaps.capsule_routing(
-        u, weight, iterations, bias, detach_logits=detach_logits, backend="torch"
+        u, weight, iterations, bias, detach_logits=detach_logits, backend=backend
     )
     ref_inputs = [as_float64_leaf(t) for t in (u, weight, bias)]
     v_ref = reference.capsule_routing(
@@ -43,21 +89,26 @@ def check_capsule_routing(u, weight, bias, iterations, detach_logits, dtype, wha
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("iterations", [1, 2, 3, 4], ids=lambda r: f"R{r}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_capsule_routing_matches_reference(device, dtype, shape, iterations, bias, detach_logits):
-    u, weight, b = make_layer_inputs(shape, dtype, device, bias)
-    check_capsule_routing(u, weight, b, iterations, detach_logits, dtype)
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_capsule_routing_matches_reference(
+    on_device, backend, dtype, shape, iterations, bias, detach_logits
+):
+    u, weight, b = make_layer_inputs(shape, dtype, on_device, bias)
+    check_capsule_routing(backend, u, weight, b, iterations, detach_logits, dtype)
 
 
 @pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
 @pytest.mark.parametrize("iterations", [1, 3], ids=lambda r: f"R{r}")
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: s.id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_dynamic_routing_matches_reference(device, dtype, shape, iterations, detach_logits):
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_dynamic_routing_matches_reference(
+    on_device, backend, dtype, shape, iterations, detach_logits
+):
+    device = on_device
     u, weight, bias = make_layer_inputs(shape, dtype, device, bias=True)
     u_hat = reference.predictions(u.detach(), weight.detach()).requires_grad_()
     v = fastcaps.dynamic_routing(
-        u_hat, iterations, bias, detach_logits=detach_logits, backend="torch"
+        u_hat, iterations, bias, detach_logits=detach_logits, backend=backend
     )
     u_hat64, bias64 = as_float64_leaf(u_hat), as_float64_leaf(bias)
     v_ref = reference.dynamic_routing(u_hat64, iterations, bias64, detach_logits=detach_logits)
@@ -73,10 +124,11 @@ def test_dynamic_routing_matches_reference(device, dtype, shape, iterations, det
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], Shape(2, 4, 3, 2, 5)], ids=lambda s: s.id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_predictions_match_reference(device, dtype, shape):
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_predictions_match_reference(on_device, backend, dtype, shape):
+    device = on_device
     u, weight, _ = make_layer_inputs(shape, dtype, device, bias=False)
-    u_hat = fastcaps.predictions(u, weight, backend="torch")
+    u_hat = fastcaps.predictions(u, weight, backend=backend)
     u64, w64 = as_float64_leaf(u), as_float64_leaf(weight)
     u_hat_ref = reference.predictions(u64, w64)
     assert u_hat.is_contiguous() and u_hat.dtype == dtype
@@ -92,55 +144,62 @@ def test_predictions_match_reference(device, dtype, shape):
 
 
 @pytest.mark.parametrize("dim", [-1, 0, 1], ids=lambda d: f"dim{d}")
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_squash_matches_reference(device, dtype, dim):
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_squash_matches_reference(on_device, backend, dtype, dim):
     g = torch.Generator().manual_seed(7)
     s64 = torch.randn(5, 7, 13, generator=g, dtype=torch.float64)
     s64[1, 2] = 0  # a zero vector (along the last dim)
-    check_squash("torch", s64, dim, dtype, device)
+    check_squash(backend, s64, dim, dtype, on_device)
 
 
 @pytest.mark.parametrize("iterations", [1, 3], ids=lambda r: f"R{r}")
-def test_gradcheck_float64(iterations):
+@pytest.mark.parametrize("backend,dtype", FULL_PRECISION)
+def test_gradcheck_float64(on_device, backend, dtype, iterations):
     # numerical Jacobians: only the full-gradient mode is the true derivative (detach_logits
-    # drops terms on purpose and is checked against the reference instead)
+    # drops terms on purpose and is checked against the reference instead). fast_mode checks
+    # random projections of the Jacobian, which keeps the interpreter runs short.
     g = torch.Generator().manual_seed(8)
-    opts = dict(dtype=torch.float64, requires_grad=True)
+    opts = dict(dtype=dtype, requires_grad=True)
     u = torch.randn(2, 5, 3, generator=g, **opts)
     weight = torch.randn(5, 3, 4, 3, generator=g, **opts)
     bias = torch.randn(3, 4, generator=g, **opts)
     u_hat = torch.randn(2, 5, 3, 4, generator=g, **opts)
     s = torch.randn(3, 6, generator=g, **opts)
-    assert torch.autograd.gradcheck(
-        lambda u, w, b: fastcaps.capsule_routing(u, w, iterations, b, backend="torch"),
+    check = functools.partial(torch.autograd.gradcheck, fast_mode=True)
+    u, weight, bias, u_hat, s = (t.to(on_device) for t in (u, weight, bias, u_hat, s))
+    assert check(
+        lambda u, w, b: fastcaps.capsule_routing(u, w, iterations, b, backend=backend),
         (u, weight, bias),
     )
-    assert torch.autograd.gradcheck(
-        lambda x, b: fastcaps.dynamic_routing(x, iterations, b, backend="torch"), (u_hat, bias)
+    assert check(
+        lambda x, b: fastcaps.dynamic_routing(x, iterations, b, backend=backend), (u_hat, bias)
     )
-    assert torch.autograd.gradcheck(lambda x: fastcaps.squash(x, backend="torch"), (s,))
-    assert torch.autograd.gradcheck(
-        lambda a, b: fastcaps.predictions(a, b, backend="torch"), (u, weight)
-    )
+    assert check(lambda x: fastcaps.squash(x, backend=backend), (s,))
+    assert check(lambda a, b: fastcaps.predictions(a, b, backend=backend), (u, weight))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_zero_vectors(device, dtype):
+@pytest.mark.parametrize(
+    "backend,dtype", backend_params([p for p in BACKEND_DTYPES if p[1] != torch.bfloat16])
+)
+def test_zero_vectors(on_device, backend, dtype):
+    device = on_device
     shape = SHAPES[0]
     u, weight, bias = make_layer_inputs(shape, dtype, device, bias=False)
     with torch.no_grad():
         u[1] = 0  # a whole sample of zero capsules: s = 0 in every iteration
         u[2, :5] = 0  # some zero capsules
-    check_capsule_routing(u, weight, bias, 3, False, dtype, "zero inputs")
+    check_capsule_routing(backend, u, weight, bias, 3, False, dtype, "zero inputs")
     zero_u = torch.zeros_like(u).requires_grad_()
-    v = fastcaps.capsule_routing(zero_u, weight, 3, backend="torch")
+    v = fastcaps.capsule_routing(zero_u, weight, 3, backend=backend)
     assert torch.equal(v, torch.zeros_like(v))
     gu, gw = torch.autograd.grad(v.sum(), (zero_u, weight))
     assert torch.isfinite(gu).all() and torch.isfinite(gw).all()
 
 
 @pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
-def test_non_contiguous_inputs(device, detach_logits):
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_non_contiguous_inputs(on_device, backend, dtype, detach_logits):
+    device = on_device
     shape = SHAPES[0]
     g = torch.Generator().manual_seed(10)
     # u as a transposed view, weight as a permuted view, bias as a strided slice
@@ -152,7 +211,7 @@ def test_non_contiguous_inputs(device, detach_logits):
     bias = torch.randn(shape.Nout, 2 * shape.Dout, generator=g, dtype=torch.float64)[:, ::2]
     u, weight, bias = (t.to(device).requires_grad_() for t in (u, weight, bias))
     assert not u.is_contiguous() and not weight.is_contiguous() and not bias.is_contiguous()
-    check_capsule_routing(u, weight, bias, 3, detach_logits, torch.float64, "non-contiguous")
+    check_capsule_routing(backend, u, weight, bias, 3, detach_logits, dtype, "non-contiguous")
     u_hat = (
         reference.predictions(u.detach(), weight.detach())
         .transpose(1, 2)
@@ -161,15 +220,20 @@ def test_non_contiguous_inputs(device, detach_logits):
     )
     assert not u_hat.is_contiguous()
     torch.testing.assert_close(
-        fastcaps.dynamic_routing(u_hat, 3, bias.detach(), backend="torch"),
+        fastcaps.dynamic_routing(u_hat, 3, bias.detach(), backend=backend),
         reference.dynamic_routing(u_hat, 3, bias.detach()),
+    )
+    torch.testing.assert_close(
+        fastcaps.predictions(u, weight, backend=backend), reference.predictions(u, weight)
     )
 
 
-def test_empty_batch(device):
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_empty_batch(on_device, backend, dtype):
+    device = on_device
     shape = Shape(0, 6, 3, 4, 2)
-    u, weight, bias = make_layer_inputs(shape, torch.float32, device, bias=True)
-    v = fastcaps.capsule_routing(u, weight, 3, bias, backend="torch")
+    u, weight, bias = make_layer_inputs(shape, dtype, device, bias=True)
+    v = fastcaps.capsule_routing(u, weight, 3, bias, backend=backend)
     assert v.shape == (0, 3, 4)
     gu, gw, gb = torch.autograd.grad(v.sum(), (u, weight, bias))
     assert (
@@ -177,12 +241,12 @@ def test_empty_batch(device):
         and torch.equal(gw, torch.zeros_like(gw))
         and torch.equal(gb, torch.zeros_like(gb))
     )
-    u_hat = torch.zeros(0, 6, 3, 4, device=device, requires_grad=True)
-    v = fastcaps.dynamic_routing(u_hat, 2, backend="torch")
+    u_hat = torch.zeros(0, 6, 3, 4, dtype=dtype, device=device, requires_grad=True)
+    v = fastcaps.dynamic_routing(u_hat, 2, backend=backend)
     assert v.shape == (0, 3, 4)
     (g,) = torch.autograd.grad(v.sum(), (u_hat,))
     assert g.shape == u_hat.shape
-    assert fastcaps.predictions(u, weight, backend="torch").shape == (0, 6, 3, 4)
+    assert fastcaps.predictions(u, weight, backend=backend).shape == (0, 6, 3, 4)
 
 
 def test_capsule_routing_saves_nothing_of_u_hat_size():
@@ -206,4 +270,4 @@ def test_capsule_routing_saves_nothing_of_u_hat_size():
 
 
 def test_tolerance_table_covers_tested_dtypes():
-    assert set(DTYPES) <= set(TOLERANCES)
+    assert {dtype for _, dtype in BACKEND_DTYPES} <= set(TOLERANCES)
