@@ -13,11 +13,11 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -43,22 +43,40 @@ def register_triton_op(name: str) -> Callable[[Callable], Callable]:
     return register
 
 
-@functools.cache
+# Filled once, eagerly; plain dict lookups keep these checks traceable by torch.compile.
+_TRITON_STATE: dict[str, bool] = {}
+
+
 def triton_available() -> bool:
     """True when ``import triton`` works on this machine."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising at import time
-        return False
-    return True
+    if "available" not in _TRITON_STATE:
+        try:
+            import triton  # noqa: F401
+        except Exception:  # ImportError, or a broken install raising at import time
+            _TRITON_STATE["available"] = False
+        else:
+            _TRITON_STATE["available"] = True
+    return _TRITON_STATE["available"]
 
 
-@functools.cache
 def load_triton_ops() -> None:
-    """Import the Triton modules (they register their ops) when triton is installed."""
+    """Import the Triton modules (they register their ops) when triton is installed.
+
+    Runs on the first call that may use Triton, and when a fastcaps module is built. Under
+    ``torch.compile`` the import cannot be traced, so code that compiles its own calls of the
+    functional API with backend "auto" or "triton" must call this once beforehand.
+    """
+    if "loaded" in _TRITON_STATE:
+        return
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fastcaps' Triton ops are not loaded yet and cannot be imported while torch.compile "
+            "traces; call fastcaps.backend.load_triton_ops() before compiling"
+        )
     if triton_available():
         for module in _TRITON_MODULES:
             importlib.import_module(module)
+    _TRITON_STATE["loaded"] = True
 
 
 def triton_interpreter_enabled() -> bool:
@@ -75,6 +93,13 @@ def requested_backend(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def prepare(backend: str | None) -> None:
+    """Validates ``backend`` and, when it may pick Triton, loads the Triton ops now (modules call
+    this when built, so ``torch.compile`` never has to trace the import)."""
+    if requested_backend(backend) in ("auto", "triton"):
+        load_triton_ops()
 
 
 def resolve_backend(op: str, backend: str | None, device_tensor: Tensor) -> str:

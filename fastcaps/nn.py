@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcaps.backend import prepare
 from fastcaps.functional import capsule_routing, squash
 
 
@@ -43,6 +44,7 @@ class PrimaryCapsules(nn.Module):
     ) -> None:
         super().__init__()
         self.capsule_dim = capsule_dim
+        prepare(backend)
         self.backend = backend
         self.conv = nn.Conv2d(in_channels, capsule_types * capsule_dim, kernel_size, stride)
 
@@ -72,6 +74,7 @@ class RoutingCapsules(nn.Module):
         self.out_capsules, self.out_dim = out_capsules, out_dim
         self.iterations = iterations
         self.detach_logits = detach_logits
+        prepare(backend)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(in_capsules, out_capsules, out_dim, in_dim))
         self.bias = nn.Parameter(torch.empty(out_capsules, out_dim)) if bias else None

@@ -194,7 +194,10 @@ def route_backward(
     terms = len(coef_columns)
     lhs = torch.stack(coef_columns, dim=-1).view(n_pairs, n_in, terms)
     rhs = torch.stack(grad_rows, dim=-2).view(n_pairs, terms, d_out)
-    torch.bmm(lhs, rhs, out=out)
+    if torch.compiler.is_compiling():  # dynamo rejects out= tensors that are not contiguous
+        out.copy_(torch.bmm(lhs, rhs))
+    else:
+        torch.bmm(lhs, rhs, out=out)
     return grad_s_total
 
 

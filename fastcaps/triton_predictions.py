@@ -1,4 +1,6 @@
-"""predictions on Triton: host launchers and the autograd Function (kernels in fastcaps.kernels).
+"""predictions on Triton: host launchers, registered as the ``torch.library`` ops
+``fastcaps::predictions`` and ``fastcaps::predictions_backward`` (autograd and fake
+implementations included; kernels in fastcaps.kernels.predictions).
 
 u [B, Nin, Din] x weight [Nin, Nout, Dout, Din] -> u_hat [B, Nin, Nout, Dout].
 """
@@ -7,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.predictions import (
@@ -69,25 +70,54 @@ def predictions_grad_weight(grad_u_hat: Tensor, u: Tensor, dtype: torch.dtype) -
     return partial.sum(dim=0).to(dtype)
 
 
-class TritonPredictionsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, u: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(u, weight)
-        return predictions_forward(u, weight)
+@torch.library.custom_op("fastcaps::predictions", mutates_args=())
+def predictions_op(u: Tensor, weight: Tensor) -> Tensor:
+    """u_hat [B, Nin, Nout, Dout] (the Triton forward kernel)."""
+    return predictions_forward(u, weight)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_u_hat: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        u, weight = ctx.saved_tensors
-        grad_u = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_u = predictions_grad_input(grad_u_hat, weight, u.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = predictions_grad_weight(grad_u_hat, u, weight.dtype)
-        return grad_u, grad_weight
+
+@predictions_op.register_fake
+def _(u: Tensor, weight: Tensor) -> Tensor:
+    return u.new_empty(u.shape[0], u.shape[1], weight.shape[1], weight.shape[2])
+
+
+@torch.library.custom_op("fastcaps::predictions_backward", mutates_args=())
+def predictions_backward_op(
+    grad_u_hat: Tensor, u: Tensor, weight: Tensor, need_u: bool, need_weight: bool
+) -> tuple[Tensor, Tensor]:
+    """(grad u, grad weight); the ones not needed come back empty, uncomputed."""
+    grad_u = predictions_grad_input(grad_u_hat, weight, u.dtype) if need_u else u.new_empty(0)
+    grad_weight = (
+        predictions_grad_weight(grad_u_hat, u, weight.dtype) if need_weight else weight.new_empty(0)
+    )
+    return grad_u, grad_weight
+
+
+@predictions_backward_op.register_fake
+def _(grad_u_hat, u, weight, need_u, need_weight):
+    return (
+        u.new_empty(u.shape if need_u else (0,)),
+        weight.new_empty(weight.shape if need_weight else (0,)),
+    )
+
+
+def _setup_predictions(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _predictions_grad(ctx, grad_u_hat: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    u, weight = ctx.saved_tensors
+    need_u, need_weight = ctx.needs_input_grad
+    grad_u, grad_weight = predictions_backward_op(grad_u_hat, u, weight, need_u, need_weight)
+    return (grad_u if need_u else None), (grad_weight if need_weight else None)
+
+
+torch.library.register_autograd(
+    "fastcaps::predictions", _predictions_grad, setup_context=_setup_predictions
+)
 
 
 @register_triton_op("predictions")
 def predictions(u: Tensor, weight: Tensor) -> Tensor:
     """[B, Nin, Din] x [Nin, Nout, Dout, Din] -> [B, Nin, Nout, Dout]."""
-    return TritonPredictionsFunction.apply(u, weight)
+    return predictions_op(u, weight)

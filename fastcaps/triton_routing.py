@@ -1,5 +1,6 @@
-"""dynamic_routing on Triton: host launchers and the autograd Function (kernels in
-fastcaps.kernels.routing).
+"""dynamic_routing on Triton: host launchers, registered as the ``torch.library`` ops
+``fastcaps::dynamic_routing`` and ``fastcaps::dynamic_routing_backward`` (autograd and fake
+implementations included; kernels in fastcaps.kernels.routing).
 
 Forward is one launch for all iterations (one program per sample) and saves, besides u_hat, only
 s and V = v_0 + ... + v_(r-1) per iteration: [R, B, Nout, Dout] each. Backward is two launches:
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.routing import (
@@ -21,7 +21,7 @@ from fastcaps.kernels.routing import (
     routing_forward_kernel,
 )
 from fastcaps.triton_launch import compute_dtype, pair_tiles
-from fastcaps.triton_predictions import TritonPredictionsFunction
+from fastcaps.triton_predictions import predictions_op
 
 
 @dataclass
@@ -126,44 +126,82 @@ def routing_grad_u_hat(
     return grad_u_hat
 
 
-def bias_grad(ctx: FunctionCtx, grad_s_all: Tensor, bias_index: int) -> Tensor | None:
+def bias_grad(ctx, grad_s_all: Tensor, bias_index: int) -> Tensor | None:
     """grad bias = sum over iterations and samples of grad s, when bias needs one."""
     if not ctx.needs_input_grad[bias_index]:
         return None
     return grad_s_all.sum(dim=(0, 1)).to(ctx.bias_dtype)
 
 
-class TritonDynamicRoutingFunction(torch.autograd.Function):
-    """Saves u_hat (an input), s_all and V_all."""
+def routing_state_fake(batch: int, n_out: int, d_out: int, iterations: int, like: Tensor):
+    """Fake (shape-only) v, s_all and V_all for ``torch.compile``."""
+    work_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    v = like.new_empty(batch, n_out, d_out)
+    s_all = like.new_empty(iterations, batch, n_out, d_out, dtype=work_dtype)
+    return v, s_all, torch.empty_like(s_all)
 
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        u_hat: Tensor,
-        bias: Tensor | None,
-        iterations: int,
-        detach_logits: bool,
-        eps: float,
-    ) -> Tensor:
-        v, s_all, V_all = routing_forward(
-            PairSource(u_hat=u_hat), bias, iterations, eps, u_hat.dtype
-        )
-        ctx.save_for_backward(u_hat, s_all, V_all)
-        ctx.detach_logits, ctx.eps = detach_logits, eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return v
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_v: Tensor):
-        u_hat, s_all, V_all = ctx.saved_tensors
-        grad_s_all = routing_backward_state(
-            PairSource(u_hat=u_hat), s_all, V_all, grad_v, ctx.detach_logits, ctx.eps
-        )
-        grad_u_hat = None
-        if ctx.needs_input_grad[0]:
-            grad_u_hat = routing_grad_u_hat(u_hat, V_all, grad_s_all, ctx.detach_logits)
-        return grad_u_hat, bias_grad(ctx, grad_s_all, 1), None, None, None
+def save_routing_options(ctx, bias: Tensor | None, detach_logits: bool, eps: float) -> None:
+    ctx.detach_logits, ctx.eps = detach_logits, eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+@torch.library.custom_op("fastcaps::dynamic_routing", mutates_args=())
+def dynamic_routing_op(
+    u_hat: Tensor, bias: Tensor | None, iterations: int, detach_logits: bool, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(v, s_all, V_all); ``detach_logits`` only matters to backward."""
+    return routing_forward(PairSource(u_hat=u_hat), bias, iterations, eps, u_hat.dtype)
+
+
+@dynamic_routing_op.register_fake
+def _(u_hat, bias, iterations, detach_logits, eps):
+    batch, _, n_out, d_out = u_hat.shape
+    return routing_state_fake(batch, n_out, d_out, iterations, u_hat)
+
+
+@torch.library.custom_op("fastcaps::dynamic_routing_backward", mutates_args=())
+def dynamic_routing_backward_op(
+    u_hat: Tensor,
+    s_all: Tensor,
+    V_all: Tensor,
+    grad_v: Tensor,
+    detach_logits: bool,
+    eps: float,
+    need_u_hat: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad u_hat, or an empty tensor when not needed; grad s of every iteration)."""
+    source = PairSource(u_hat=u_hat)
+    grad_s_all = routing_backward_state(source, s_all, V_all, grad_v, detach_logits, eps)
+    if not need_u_hat:
+        return u_hat.new_empty(0), grad_s_all
+    return routing_grad_u_hat(u_hat, V_all, grad_s_all, detach_logits), grad_s_all
+
+
+@dynamic_routing_backward_op.register_fake
+def _(u_hat, s_all, V_all, grad_v, detach_logits, eps, need_u_hat):
+    return u_hat.new_empty(u_hat.shape if need_u_hat else (0,)), torch.empty_like(s_all)
+
+
+def _setup_dynamic_routing(ctx, inputs: tuple, output: tuple) -> None:
+    u_hat, bias, _, detach_logits, eps = inputs
+    _, s_all, V_all = output
+    ctx.save_for_backward(u_hat, s_all, V_all)
+    save_routing_options(ctx, bias, detach_logits, eps)
+
+
+def _dynamic_routing_grad(ctx, grad_v: Tensor, _grad_s_all, _grad_V_all):
+    u_hat, s_all, V_all = ctx.saved_tensors
+    need_u_hat = ctx.needs_input_grad[0]
+    grad_u_hat, grad_s_all = dynamic_routing_backward_op(
+        u_hat, s_all, V_all, grad_v, ctx.detach_logits, ctx.eps, need_u_hat
+    )
+    return (grad_u_hat if need_u_hat else None), bias_grad(ctx, grad_s_all, 1), None, None, None
+
+
+torch.library.register_autograd(
+    "fastcaps::dynamic_routing", _dynamic_routing_grad, setup_context=_setup_dynamic_routing
+)
 
 
 @register_triton_op("dynamic_routing")
@@ -176,7 +214,7 @@ def dynamic_routing(
     eps: float = 1e-8,
 ) -> Tensor:
     """[B, Nin, Nout, Dout] -> [B, Nout, Dout]."""
-    return TritonDynamicRoutingFunction.apply(u_hat, bias, iterations, detach_logits, eps)
+    return dynamic_routing_op(u_hat, bias, iterations, detach_logits, eps)[0]
 
 
 @register_triton_op("capsule_routing")
@@ -190,5 +228,5 @@ def capsule_routing(
     eps: float = 1e-8,
 ) -> Tensor:
     """Unfused layer: the predictions kernel, then the routing kernels on the stored u_hat."""
-    u_hat = TritonPredictionsFunction.apply(u, weight)
-    return TritonDynamicRoutingFunction.apply(u_hat, bias, iterations, detach_logits, eps)
+    u_hat = predictions_op(u, weight)
+    return dynamic_routing_op(u_hat, bias, iterations, detach_logits, eps)[0]

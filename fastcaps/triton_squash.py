@@ -1,10 +1,11 @@
-"""squash on Triton: host launchers and the autograd Function (kernels in fastcaps.kernels)."""
+"""squash on Triton: host launchers, registered as the ``torch.library`` ops ``fastcaps::squash``
+and ``fastcaps::squash_backward`` with autograd and fake (shape-only) implementations, so
+``torch.compile(fullgraph=True)`` sees one opaque op (kernels in fastcaps.kernels.squash)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.squash import squash_backward_kernel, squash_forward_kernel
@@ -44,21 +45,42 @@ def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
     return grad_s.view(s.shape)
 
 
-class TritonSquashFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, s: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(s)
-        ctx.eps = eps
-        return squash_forward(s, eps)
+@torch.library.custom_op("fastcaps::squash", mutates_args=())
+def squash_op(s: Tensor, eps: float) -> Tensor:
+    """squash over the last dim (the Triton forward kernel)."""
+    return squash_forward(s, eps)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_v: Tensor) -> tuple[Tensor, None]:
-        (s,) = ctx.saved_tensors
-        return squash_backward(s, grad_v, ctx.eps), None
+
+@squash_op.register_fake
+def _(s: Tensor, eps: float) -> Tensor:
+    return s.new_empty(s.shape)
+
+
+@torch.library.custom_op("fastcaps::squash_backward", mutates_args=())
+def squash_backward_op(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
+    """grad s of ``fastcaps::squash`` (the Triton backward kernel)."""
+    return squash_backward(s, grad_v, eps)
+
+
+@squash_backward_op.register_fake
+def _(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
+    return s.new_empty(s.shape)
+
+
+def _setup_squash(ctx, inputs: tuple, output: Tensor) -> None:
+    s, ctx.eps = inputs
+    ctx.save_for_backward(s)
+
+
+def _squash_grad(ctx, grad_v: Tensor) -> tuple[Tensor, None]:
+    (s,) = ctx.saved_tensors
+    return squash_backward_op(s, grad_v, ctx.eps), None
+
+
+torch.library.register_autograd("fastcaps::squash", _squash_grad, setup_context=_setup_squash)
 
 
 @register_triton_op("squash")
 def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     """Squash along ``dim`` of any shape."""
-    return TritonSquashFunction.apply(s.movedim(dim, -1), eps).movedim(-1, dim)
+    return squash_op(s.movedim(dim, -1), eps).movedim(-1, dim)

@@ -271,3 +271,28 @@ def test_capsule_routing_saves_nothing_of_u_hat_size():
 
 def test_tolerance_table_covers_tested_dtypes():
     assert {dtype for _, dtype in BACKEND_DTYPES} <= set(TOLERANCES)
+
+
+@pytest.mark.skipif(
+    not (CUDA and TRITON),
+    reason="needs a GPU with triton: u_hat passes 2^31 elements (8.6 GB in float32) at B = 11,700 "
+    "on the MNIST shape, far beyond what the interpreter can run",
+)
+def test_triton_offsets_past_int32():
+    shape = Shape(11_700, 1152, 10, 16, 8)
+    assert shape.B * shape.Nin * shape.Nout * shape.Dout > 2**31
+    u, weight, _ = make_layer_inputs(shape, torch.float32, "cuda", bias=False)
+    last = slice(shape.B - 3, shape.B)  # the samples whose offsets need int64
+    with torch.no_grad():
+        u_hat_tail = fastcaps.predictions(u, weight, backend="triton")[last]
+        torch.testing.assert_close(u_hat_tail, reference.predictions(u[last], weight))
+        del u_hat_tail
+    v = fastcaps.capsule_routing(u, weight, 3, backend="triton")
+    grad_v = torch.zeros_like(v)
+    grad_v[last] = torch.randn_like(v[last])
+    (grad_u,) = torch.autograd.grad(v, (u,), grad_v)
+    u_tail = u.detach()[last].requires_grad_()
+    v_tail = fastcaps.capsule_routing(u_tail, weight, 3, backend="torch")
+    (grad_u_tail,) = torch.autograd.grad(v_tail, (u_tail,), grad_v[last])
+    torch.testing.assert_close(v[last], v_tail, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_u[last], grad_u_tail, atol=2e-5, rtol=1e-4)

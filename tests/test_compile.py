@@ -1,0 +1,95 @@
+"""torch.compile(fullgraph=True) over fastcaps; the torch.library registration of the Triton ops.
+
+On CPU the torch backend is compiled with Inductor; the Triton ops, which run under the
+interpreter here, are compiled with the "aot_eager" backend (Dynamo and AOTAutograd trace the
+graph through their fake implementations and autograd registrations; the kernels then run
+eagerly). With a GPU the Triton backend is compiled with Inductor.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+import fastcaps
+from conftest import Shape, make_layer_inputs
+from fastcaps.nn import CapsNet
+
+CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="the triton backend needs triton"
+)
+
+
+def small_capsnet(backend: str, device) -> CapsNet:
+    torch.manual_seed(0)
+    model = CapsNet(
+        image_size=12, conv_channels=8, conv_kernel=3, primary_types=4, primary_dim=4,
+        primary_kernel=3, primary_stride=2, digit_dim=6, routing_bias=True,
+        decoder_sizes=(16,), backend=backend,
+    )  # fmt: skip
+    return model.to(device=device, dtype=torch.float64)
+
+
+def compile_and_compare(backend: str, compiler: str, device) -> None:
+    """Compiled and eager CapsNet agree in outputs and parameter gradients."""
+    model = small_capsnet(backend, device)
+    images = torch.rand(3, 1, 12, 12, dtype=torch.float64, device=device)
+    labels = torch.tensor([0, 4, 9], device=device)
+
+    def loss_and_grads(run):
+        model.zero_grad()
+        out = run(images, labels)
+        loss = fastcaps.margin_loss(out.lengths, labels) + fastcaps.reconstruction_loss(
+            out.reconstructions, images
+        )
+        loss.backward()
+        return [out.lengths.detach(), out.poses.detach()] + [
+            p.grad.clone() for p in model.parameters()
+        ]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    got = loss_and_grads(compiled)
+    expected = loss_and_grads(model)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-8)
+
+
+def test_torch_backend_compiles_without_graph_breaks():
+    compile_and_compare("torch", "inductor", "cpu")
+
+
+@needs_triton
+def test_triton_ops_trace_without_graph_breaks():
+    if CUDA:
+        compile_and_compare("triton", "inductor", "cuda")
+    else:
+        compile_and_compare("triton", "aot_eager", "cpu")
+
+
+def _opcheck_cases(device):
+    shape = Shape(3, 7, 3, 5, 2)
+    u, weight, bias = make_layer_inputs(shape, torch.float64, device, bias=True)
+    u_hat = fastcaps.reference.predictions(u.detach(), weight.detach()).requires_grad_()
+    ops = torch.ops.fastcaps
+    return {
+        "squash": (ops.squash.default, (u_hat.detach()[:, 0].requires_grad_(), 1e-8)),
+        "predictions": (ops.predictions.default, (u, weight)),
+        "dynamic_routing": (ops.dynamic_routing.default, (u_hat, bias, 2, False, 1e-8)),
+        "dynamic_routing-detach": (ops.dynamic_routing.default, (u_hat, None, 3, True, 1e-8)),
+    }
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "case", ["squash", "predictions", "dynamic_routing", "dynamic_routing-detach"]
+)
+def test_triton_ops_pass_opcheck(case):
+    """torch.library.opcheck: schema, fake implementation and autograd registration agree with
+    the real op."""
+    fastcaps.backend.load_triton_ops()
+    device = "cuda" if CUDA else "cpu"
+    op, args = _opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
