@@ -30,6 +30,7 @@ _TRITON_MODULES = (
     "fastcaps.triton_squash",
     "fastcaps.triton_predictions",
     "fastcaps.triton_routing",
+    "fastcaps.triton_capsule_routing",
 )
 
 

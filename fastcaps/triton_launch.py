@@ -47,19 +47,21 @@ class PairTiles:
         return triton.cdiv(n_in, self.block_i)
 
 
-def pair_tiles(n_in: int, n_out: int, d_out: int) -> PairTiles:
-    """About 4K tile elements per program (the MNIST layer: 16 capsules x 16 parents x 16 dims),
-    at least one whole capsule row."""
+def pair_tiles(n_in: int, n_out: int, d_out: int, elements: int = 4096) -> PairTiles:
+    """About ``elements`` tile elements per program (by default 4K, on the MNIST layer 16
+    capsules x 16 parents x 16 dims), at least one whole capsule row."""
     block_j = triton.next_power_of_2(n_out)
     block_d = triton.next_power_of_2(d_out)
     per_capsule = block_j * block_d
-    block_i = max(1, min(triton.next_power_of_2(max(n_in, 1)), 4096 // per_capsule))
+    block_i = max(1, min(triton.next_power_of_2(max(n_in, 1)), elements // per_capsule))
     num_warps = 8 if block_i * per_capsule >= 4096 else 4
     return PairTiles(block_i, block_j, block_d, num_warps)
 
 
-def batch_chunks(batch: int, n_tiles: int, min_programs: int = 512) -> int:
+def batch_chunks(batch: int, n_tiles: int, max_chunks: int | None = None) -> int:
     """Samples per program for reductions over the batch (grad weight): enough programs to fill a
-    GPU, as few partial sums as that allows."""
-    chunks = max(1, min(batch, triton.cdiv(min_programs, max(n_tiles, 1))))
+    GPU (about 512), as few partial sums as that allows, at most ``max_chunks`` of them."""
+    chunks = max(1, min(batch, triton.cdiv(512, max(n_tiles, 1))))
+    if max_chunks is not None:
+        chunks = max(1, min(chunks, max_chunks))
     return triton.cdiv(batch, chunks)

@@ -217,8 +217,7 @@ def dynamic_routing(
     return dynamic_routing_op(u_hat, bias, iterations, detach_logits, eps)[0]
 
 
-@register_triton_op("capsule_routing")
-def capsule_routing(
+def capsule_routing_unfused(
     u: Tensor,
     weight: Tensor,
     iterations: int = 3,
@@ -227,6 +226,7 @@ def capsule_routing(
     detach_logits: bool = False,
     eps: float = 1e-8,
 ) -> Tensor:
-    """Unfused layer: the predictions kernel, then the routing kernels on the stored u_hat."""
+    """The layer from the unfused kernels: predictions, then routing on the stored u_hat (for
+    comparisons; ``capsule_routing`` with backend "triton" runs the fused layer)."""
     u_hat = predictions_op(u, weight)
     return dynamic_routing_op(u_hat, bias, iterations, detach_logits, eps)[0]

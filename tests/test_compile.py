@@ -79,12 +79,22 @@ def _opcheck_cases(device):
         "predictions": (ops.predictions.default, (u, weight)),
         "dynamic_routing": (ops.dynamic_routing.default, (u_hat, bias, 2, False, 1e-8)),
         "dynamic_routing-detach": (ops.dynamic_routing.default, (u_hat, None, 3, True, 1e-8)),
+        "capsule_routing": (ops.capsule_routing.default, (u, weight, bias, 3, False, 1e-8)),
+        "capsule_routing-detach": (ops.capsule_routing.default, (u, weight, None, 2, True, 1e-8)),
     }
 
 
 @needs_triton
 @pytest.mark.parametrize(
-    "case", ["squash", "predictions", "dynamic_routing", "dynamic_routing-detach"]
+    "case",
+    [
+        "squash",
+        "predictions",
+        "dynamic_routing",
+        "dynamic_routing-detach",
+        "capsule_routing",
+        "capsule_routing-detach",
+    ],
 )
 def test_triton_ops_pass_opcheck(case):
     """torch.library.opcheck: schema, fake implementation and autograd registration agree with
