@@ -1,57 +1,120 @@
-"""Benchmarks run with pytest-benchmark; with --benchmark-disable (CI) they use tiny shapes."""
+"""Benchmark parametrization and result recording.
+
+``pytest benchmarks/ --benchmark-enable --benchmark-only`` measures the real shapes of
+``benchmarks.harness`` on ``$FASTCAPS_BENCH_DEVICE`` (default: cuda when present, else cpu).
+Under ``--benchmark-disable`` (the README's test command) every case runs once on tiny shapes
+and checks its result against the reference instead, so the suite never rots.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
+import platform
+from dataclasses import dataclass
 
 import pytest
+import torch
 
-from benchmarks.harness import FULL_LAYERS, TINY_LAYERS
+from benchmarks.harness import (
+    OPS,
+    Layer,
+    benchmark_device,
+    device_name,
+    layers_for,
+    providers_for,
+)
+
+MODES = ("forward", "backward", "full")
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    provider: str
+    layer: Layer
+    mode: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.provider}-{self.mode}-{self.layer.id}"
+
+
+def is_tiny(config) -> bool:
+    options = config.option
+    return bool(options.benchmark_disable and not options.benchmark_enable)
+
+
+def op_cases(device: str, tiny: bool) -> list[Case]:
+    return [
+        Case(op, provider, layer, mode)
+        for op in OPS
+        for layer in layers_for(op, device, tiny)
+        for mode in MODES
+        for provider in providers_for(op, device, tiny)
+    ]
+
+
+def pytest_configure(config):
+    # Tiny runs on a machine without a GPU check the Triton providers under the interpreter (set
+    # before triton is imported); real CPU runs leave them out, interpreter times mean nothing.
+    if is_tiny(config) and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_generate_tests(metafunc):
-    if "layer" in metafunc.fixturenames:
-        options = metafunc.config.option
-        disabled = options.benchmark_disable and not options.benchmark_enable
-        layers = TINY_LAYERS if disabled else FULL_LAYERS
-        metafunc.parametrize("layer", layers, ids=[layer.id for layer in layers])
-
-
-def pytest_terminal_summary(terminalreporter, config):
-    """Print each provider's time and saved memory relative to the reference, per layer/mode."""
-    session = getattr(config, "_benchmarksession", None)
-    benchmarks = getattr(session, "benchmarks", None) or []
-    rows = defaultdict(dict)
-    for bench in benchmarks:
-        if not bench.stats:  # benchmarking disabled: nothing was measured
-            continue
-        info = bench.extra_info
-        rows[(info["layer"], info["mode"])][info["provider"]] = (
-            bench.stats.median,
-            info.get("saved_bytes"),
-        )
-    if not rows:
-        return
-    write = terminalreporter.write_line
-    write("")
-    write("ratios against the reference (time: median; memory: bytes saved for backward)")
-    columns = ("layer", "mode", "provider", "median ms", "speedup", "saved MiB", "memory")
-    line = "{:40s} {:8s} {:10s} {:>10s} {:>8s} {:>10s} {:>7s}"
-    write(line.format(*columns))
-    for (layer, mode), providers in sorted(rows.items()):
-        ref_time, ref_saved = providers.get("reference", (None, None))
-        for provider, (median, saved) in sorted(providers.items()):
-            speedup = f"{ref_time / median:.2f}x" if ref_time else "-"
-            mib = f"{saved / 2**20:.1f}" if saved is not None else "-"
-            mem = f"{saved / ref_saved:.3f}" if saved is not None and ref_saved else "-"
-            write(line.format(layer, mode, provider, f"{median * 1e3:.2f}", speedup, mib, mem))
+    if "op_case" in metafunc.fixturenames:
+        cases = op_cases(benchmark_device(), is_tiny(metafunc.config))
+        metafunc.parametrize("op_case", cases, ids=[c.id for c in cases])
 
 
 @pytest.fixture
-def record(benchmark):
-    """Attach the identifying fields every result carries."""
+def device() -> str:
+    return benchmark_device()
+
+
+@pytest.fixture
+def tiny(request) -> bool:
+    return is_tiny(request.config)
+
+
+@pytest.fixture
+def record(benchmark, device):
+    """Attach the fields every result carries, plus the given ones."""
 
     def attach(**fields):
-        benchmark.extra_info.update(fields)
+        benchmark.extra_info.update(
+            device=device,
+            device_name=device_name(device),
+            host=platform.node(),
+            torch=torch.__version__,
+            triton=_triton_version(),
+            threads=torch.get_num_threads(),
+            **fields,
+        )
 
     return attach
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:
+        return None
+    return triton.__version__
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The summary table of the report, from this run's results."""
+    session = getattr(config, "_benchmarksession", None)
+    benchmarks = getattr(session, "benchmarks", None) or []
+    results = [
+        {**bench.extra_info, "stats": {"median": bench.stats.median}}
+        for bench in benchmarks
+        if bench.stats and bench.extra_info.get("op")
+    ]
+    if results:
+        from benchmarks.report import summary_lines
+
+        terminalreporter.write_line("")
+        for line in summary_lines(results):
+            terminalreporter.write_line(line)
