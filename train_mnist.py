@@ -1,4 +1,7 @@
-"""Train the paper's CapsNet on MNIST: ``python train_mnist.py`` (see ``--help``)."""
+"""Train the paper's CapsNet on MNIST: ``python train_mnist.py`` (see ``--help``).
+
+Several GPUs or nodes: ``torchrun --nproc_per_node N train_mnist.py ...`` (DDP; --batch-size
+is per process)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import fields
 
 from fastcaps.backend import BACKENDS
 from fastcaps.data import DATASETS
-from fastcaps.training import TrainConfig, train
+from fastcaps.training import AMP_DTYPES, MODEL_PRESETS, TrainConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -28,7 +31,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument(
         "--output-dir",
         default=d.output_dir,
-        help="metrics.jsonl, config.json, summary.json, best.pt and last.pt go here",
+        help="metrics.jsonl, config.json, summary.json, best.pt, last.pt and the figures go "
+        "here; default: the --resume checkpoint's folder, else runs/<dataset>",
+    )
+    p.add_argument(
+        "--model",
+        choices=sorted(MODEL_PRESETS),
+        default=d.model,
+        help="paper: Sabour et al.'s network; small: a tiny one for smoke tests",
     )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -78,10 +88,34 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         help="routing backend; default $FASTCAPS_BACKEND, else auto",
     )
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default=d.amp,
+        help="autocast dtype (the routing ops keep float32 accumulation)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--resume",
+        default=d.resume,
+        help="checkpoint (e.g. runs/mnist/last.pt) to continue from, exactly where it stopped",
+    )
+    p.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="skip curves.png, reconstructions.png and perturbation.png at the end",
+    )
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=d.log_every,
+        help="steps between progress-bar updates (the only host syncs of a step)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "eval_batch_size", "iterations"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "iterations", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("train_limit", "test_limit"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -89,11 +90,17 @@ class RoutingCapsules(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, u: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(u.device.type) and weight.dtype != u.dtype:
+            # autocast hands over half-precision capsules; the routing ops take one dtype and
+            # accumulate in float32 themselves, the master weights stay float32
+            weight = weight.to(u.dtype)
+            bias = None if bias is None else bias.to(u.dtype)
         return capsule_routing(
             u,
-            self.weight,
+            weight,
             self.iterations,
-            self.bias,
+            bias,
             detach_logits=self.detach_logits,
             backend=self.backend,
         )
@@ -110,6 +117,12 @@ class CapsNetOutput(NamedTuple):
     lengths: Tensor  # [B, classes]: class scores, the lengths of the digit capsules
     poses: Tensor  # [B, classes, digit_dim]: the digit capsules
     reconstructions: Tensor | None  # [B, channels * H * W] in [0, 1], or None without decoder
+
+
+class Prediction(NamedTuple):
+    classes: Tensor  # [B]: the predicted class, the longest digit capsule
+    lengths: Tensor  # [B, classes]
+    poses: Tensor  # [B, classes, digit_dim]
 
 
 class CapsNet(nn.Module):
@@ -140,6 +153,15 @@ class CapsNet(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        # the constructor arguments that fix the architecture (stored in checkpoints)
+        self.config = dict(
+            image_size=image_size, in_channels=in_channels, num_classes=num_classes,
+            conv_channels=conv_channels, conv_kernel=conv_kernel, primary_types=primary_types,
+            primary_dim=primary_dim, primary_kernel=primary_kernel, primary_stride=primary_stride,
+            digit_dim=digit_dim, iterations=iterations, routing_bias=routing_bias,
+            detach_logits=detach_logits,
+            decoder_sizes=None if decoder_sizes is None else list(decoder_sizes),
+        )  # fmt: skip
         conv_size = image_size - conv_kernel + 1
         grid = (conv_size - primary_kernel) // primary_stride + 1
         if conv_size < 1 or grid < 1:
@@ -187,6 +209,42 @@ class CapsNet(nn.Module):
         reconstructions = None
         if self.decoder is not None:
             chosen = labels if (self.training and labels is not None) else lengths.argmax(dim=1)
-            mask = F.one_hot(chosen, self.num_classes).to(poses.dtype)
-            reconstructions = self.decoder((poses * mask.unsqueeze(-1)).flatten(1))
+            reconstructions = self.decode(poses, chosen)
         return CapsNetOutput(lengths, poses, reconstructions)
+
+    def decode(self, poses: Tensor, classes: Tensor) -> Tensor:
+        """Reconstructions [B, C * H * W] from the digit capsules [B, classes, digit_dim], all
+        but the capsule of ``classes`` [B] masked to zero."""
+        if self.decoder is None:
+            raise ValueError("this CapsNet has no decoder (decoder_sizes=None)")
+        mask = F.one_hot(classes, self.num_classes).to(poses.dtype)
+        return self.decoder((poses * mask.unsqueeze(-1)).flatten(1))
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Prediction:
+        """Class, capsule lengths and pose vectors for images [B, C, H, W] in [0, 1] (eval mode,
+        no grad; the module's training flag is restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(images)
+        finally:
+            self.train(was_training)
+        return Prediction(out.lengths.argmax(dim=1), out.lengths, out.poses)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+        backend: str | None = None,
+    ) -> CapsNet:  # fmt: skip
+        """A CapsNet rebuilt from a checkpoint written by ``fastcaps.training`` (loaded with
+        ``weights_only=True``), in eval mode."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+            raise ValueError(
+                f"{path} is not a fastcaps training checkpoint (no 'model_config' entry)"
+            )
+        config = dict(checkpoint["model_config"])
+        model = cls(**config, backend=backend)
+        model.load_state_dict(checkpoint["model"])
+        return model.to(map_location).eval()
