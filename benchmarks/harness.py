@@ -107,6 +107,13 @@ def triton_runs(device: str) -> bool:
 
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
+    # one graph per shape and grad mode: the capsule_routing sweep needs more than dynamo's
+    # default 8 recompilations, past which it silently runs the function eagerly
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time eager code as compiled
     return torch.compile(fn, dynamic=False)
 
 

@@ -57,7 +57,10 @@ def draw_curves(metrics: list[dict], path: Path) -> Path:
             zorder=3, label=f"test {100 * test['test_accuracy']:.2f}% (epoch {test['best_epoch']})",
         )  # fmt: skip
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()

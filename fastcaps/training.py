@@ -89,9 +89,18 @@ def model_config(config: TrainConfig, image_size: int) -> dict[str, Any]:
     ).config
 
 
+def _readable_temp_file(path: Path) -> tuple[int, str]:
+    """mkstemp beside ``path``, with the permissions a plain open() would give (not 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save into a temporary file beside ``path``, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = _readable_temp_file(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -102,7 +111,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = _readable_temp_file(path)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
