@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from fastcaps.kernels.predictions import pair_tile_offsets, prediction_tile, tile_offsets
+from fastcaps.kernels.squash import squash_rows, squash_rows_backward
 
 
 @triton.jit
@@ -154,8 +155,7 @@ def routing_forward_kernel(
         offset = r * batch * n_out * d_out + sample_state
         tl.store(s_all_ptr + offset, s, mask=capsule_mask)
         tl.store(V_all_ptr + offset, V, mask=capsule_mask)
-        n = tl.sum(s * s, axis=1)
-        v = s * (n / ((1.0 + n) * tl.sqrt(n + eps)))[:, None]
+        v = squash_rows(s, eps)
         V += v
     tl.store(v_ptr + sample_state, v.to(v_ptr.dtype.element_ty), mask=capsule_mask)
 
@@ -215,11 +215,7 @@ def routing_backward_state_kernel(
         offset = r * batch * n_out * d_out + sample_state
         s = tl.load(s_all_ptr + offset, mask=capsule_mask, other=0.0)
         grad_out = grad_later + grad_v
-        n = tl.sum(s * s, axis=1)
-        root = tl.sqrt(n + eps)
-        f = n / ((1.0 + n) * root)
-        df = (2.0 * eps + n - n * n) / (2.0 * (1.0 + n) * (1.0 + n) * (n + eps) * root)
-        grad_s = f[:, None] * grad_out + (2.0 * df * tl.sum(s * grad_out, axis=1))[:, None] * s
+        grad_s = squash_rows_backward(s, grad_out, eps)
         tl.store(grad_s_all_ptr + offset, grad_s, mask=capsule_mask)
         if r > 0:  # iteration 0 has constant (zero) logits
             V = tl.load(V_all_ptr + offset, mask=capsule_mask, other=0.0)

@@ -24,6 +24,23 @@ def _load_block(ptr, rows, cols, mask, stride_row, stride_col, COMPUTE_DTYPE: tl
 
 
 @triton.jit
+def squash_rows(s, eps):
+    """v for every row of a [rows, D] block (in the block's dtype)."""
+    n = tl.sum(s * s, axis=1)
+    return s * (n / ((1.0 + n) * tl.sqrt(n + eps)))[:, None]
+
+
+@triton.jit
+def squash_rows_backward(s, grad_v, eps):
+    """grad s for every row of a [rows, D] block, given grad v."""
+    n = tl.sum(s * s, axis=1)
+    root = tl.sqrt(n + eps)
+    f = n / ((1.0 + n) * root)
+    df = (2.0 * eps + n - n * n) / (2.0 * (1.0 + n) * (1.0 + n) * (n + eps) * root)
+    return f[:, None] * grad_v + (2.0 * df * tl.sum(s * grad_v, axis=1))[:, None] * s
+
+
+@triton.jit
 def squash_forward_kernel(
     s_ptr,
     v_ptr,
@@ -38,9 +55,7 @@ def squash_forward_kernel(
 ):
     rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
-    n = tl.sum(s * s, axis=1)
-    scale = n / ((1.0 + n) * tl.sqrt(n + eps))
-    v = s * scale[:, None]
+    v = squash_rows(s, eps)
     tl.store(v_ptr + rows[:, None] * d + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,11 +78,6 @@ def squash_backward_kernel(
     rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
     grad_v = _load_block(grad_v_ptr, rows, cols, mask, stride_g_row, stride_g_col, COMPUTE_DTYPE)
-    n = tl.sum(s * s, axis=1)
-    root = tl.sqrt(n + eps)
-    f = n / ((1.0 + n) * root)
-    df = (2.0 * eps + n - n * n) / (2.0 * (1.0 + n) * (1.0 + n) * (n + eps) * root)
-    dot = tl.sum(s * grad_v, axis=1)
-    grad_s = f[:, None] * grad_v + (2.0 * df * dot)[:, None] * s
+    grad_s = squash_rows_backward(s, grad_v, eps)
     out_offsets = rows[:, None] * d + cols[None, :]
     tl.store(grad_s_ptr + out_offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
