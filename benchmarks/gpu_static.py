@@ -1,0 +1,600 @@
+"""The static sm_90 (H100) cost report: every Triton kernel that fastcaps' ops really launch,
+compiled for an H100 and modelled, beside a model of the torch backend. No GPU needed.
+
+    python -m benchmarks.gpu_static                      # report: benchmarks/results/static-sm90/
+    python -m benchmarks.gpu_static --check              # also float16/float64; exit 1 on spills
+    python -m benchmarks.gpu_static --measure            # on a GPU: time every kernel, add it
+    python -m benchmarks.gpu_static --baseline OLD.json  # a before/after column
+    python -m benchmarks.gpu_static --fastcaps-from /tmp/old --out DIR   # model another checkout
+
+Each op runs forward and backward on CPU tensors while ``benchmarks.static_sm90`` intercepts the
+Triton launches and compiles them for sm_90 through the JIT's own binder, so the variants in the
+report are exactly the ones a GPU would run. The torch backend runs on the meta device while a
+dispatch mode records its ATen ops, which are modelled from their bytes and FLOPs. All times here
+are a model (see ``benchmarks.static_sm90``); ``--measure`` puts real times beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "results" / "static-sm90"
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    B: int
+    Nin: int
+    Nout: int
+    Dout: int = 16
+    Din: int = 8
+    R: int = 3
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-B{self.B}-I{self.Nin}-J{self.Nout}-D{self.Dout}-K{self.Din}-R{self.R}"
+
+
+def mnist(batch: int) -> Layer:
+    return Layer("mnist", batch, 1152, 10)
+
+
+REPORT_LAYERS = [
+    mnist(32),
+    mnist(128),
+    mnist(512),
+    mnist(2048),
+    Layer("cifar", 128, 2048, 10),
+    Layer("classes100", 32, 1152, 100),
+    Layer("classes100", 128, 1152, 100),
+]
+CHECK_LAYERS = [mnist(32), mnist(128), Layer("cifar", 128, 2048, 10),
+                Layer("classes100", 32, 1152, 100)]  # fmt: skip
+OPS = ("capsule_routing", "dynamic_routing", "predictions", "squash")
+
+
+# ----------------------------------------------------------------------------------------------
+# loop trip counts of every kernel, per source loop in pre-order (see static_sm90.match_loops)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _per_slice(a: dict) -> float:
+    """Average capsules per program of the slices (the last slice may be shorter)."""
+    return a["n_in"] / _cdiv(a["n_in"], a["capsules_per_slice"])
+
+
+def _pairs_trips(a: dict) -> list[float]:
+    blocks = _cdiv(_cdiv(a["batch"], a["BLOCK_B"]), a["chunks"])
+    if a["LAST_ONLY"]:
+        # the zero-fill loop runs only in slice 0 programs: count its average per program
+        slices = _cdiv(a["n_in"], a["capsules_per_slice"])
+        return [blocks, (a["iterations"] - 1) / slices, _per_slice(a)]
+    return [blocks, _per_slice(a), a["iterations"] - 1]
+
+
+def _grad_weight_trips(a: dict) -> list[float]:
+    return [a["samples_per_chunk"]] * a["DIN"]
+
+
+def _legacy_pairs_trips(a: dict) -> list[float]:
+    """The pairs kernels of commit 181097f: a loop over the iterations (the u_hat source), or
+    over the chunk's samples and then the iterations (the fused layer)."""
+    steps = 1 if a["DETACH_LOGITS"] else a["iterations"]
+    if "samples_per_chunk" in a:
+        return [a["samples_per_chunk"], steps]
+    return [steps]
+
+
+LOOP_TRIPS = {
+    "routing_forward_partial_kernel": lambda a: [_per_slice(a)],
+    "routing_backward_partial_kernel": lambda a: [_per_slice(a)],
+    "routing_forward_combine_kernel": lambda a: [a["slices"] - 1],
+    "routing_backward_combine_kernel": lambda a: [a["slices"] - 1],
+    "routing_backward_pairs_kernel": lambda a: (
+        _pairs_trips(a) if "LAST_ONLY" in a else _legacy_pairs_trips(a)
+    ),
+    "routing_softmax_stats_kernel": lambda a: [_per_slice(a), a["parent_chunks"]],
+    "routing_output_grad_kernel": lambda a: [a["iterations"] - 1] if a["DETACHED"] else [],
+    "predictions_forward_kernel": lambda a: [],
+    "predictions_grad_input_kernel": lambda a: [],
+    "predictions_grad_weight_kernel": _grad_weight_trips,
+    "squash_forward_kernel": lambda a: [],
+    "squash_backward_kernel": lambda a: [],
+    # the kernels of commit 181097f, before the redesign, so that ``--fastcaps-from`` can model
+    # that commit for the report's "before" column
+    "routing_forward_kernel": lambda a: [a["iterations"], _cdiv(a["n_in"], a["BLOCK_I"])],
+    "routing_backward_state_kernel": lambda a: [
+        1 if a["DETACH_LOGITS"] else a["iterations"],
+        _cdiv(a["n_in"], a["BLOCK_I"]),
+    ],
+    "capsule_routing_backward_pairs_kernel": _legacy_pairs_trips,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# running the ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _inputs(op: str, layer: Layer, dtype, device: str, bias: bool = False):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(layer.B, layer.Nin, layer.Din, generator=g) / 3
+    weight = 0.05 * torch.randn(layer.Nin, layer.Nout, layer.Dout, layer.Din, generator=g)
+    leaf = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    if op == "squash":
+        return (leaf(u),)
+    if op == "predictions":
+        return leaf(u), leaf(weight)
+    if op == "dynamic_routing":
+        u_hat = torch.einsum("bik,ijdk->bijd", u, weight)
+        extra = (leaf(0.1 * torch.randn(layer.Nout, layer.Dout, generator=g)),) if bias else ()
+        return (leaf(u_hat), *extra)
+    return leaf(u), leaf(weight), *(
+        (leaf(0.1 * torch.randn(layer.Nout, layer.Dout, generator=g)),) if bias else ()
+    )
+
+
+def _call(op: str, implementation, args, layer: Layer, detach_logits: bool = False):
+    if op == "squash":
+        return implementation(args[0])
+    if op == "predictions":
+        return implementation(*args)
+    bias = args[-1] if len(args) == (3 if op == "capsule_routing" else 2) else None
+    tensors = args[:2] if op == "capsule_routing" else args[:1]
+    return implementation(*tensors, layer.R, bias, detach_logits=detach_logits)
+
+
+def triton_launches(op: str, layer: Layer, dtype, bias: bool = False, detach_logits: bool = False):
+    """The intercepted launches of one forward and one backward of ``op`` on the Triton backend,
+    tagged with their phase."""
+    import torch
+
+    from benchmarks.static_sm90 import intercept_launches
+    from fastcaps.backend import _TRITON_OPS, load_triton_ops
+
+    load_triton_ops()
+    args = _inputs(op, layer, dtype, "cpu", bias)
+    tags = {"phase": "forward"}
+    with intercept_launches(tags) as launches:
+        out = _call(op, _TRITON_OPS[op], args, layer, detach_logits)
+        tags["phase"] = "backward"
+        torch.autograd.grad(out, args, torch.ones_like(out))
+    return launches
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch backend, modelled from its ATen ops
+# ----------------------------------------------------------------------------------------------
+
+NO_KERNEL = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
+    "lift_fresh", "alias", "_unsafe_view", "view", "t", "transpose", "permute", "expand",
+    "unsqueeze", "squeeze", "select", "slice", "as_strided", "unbind", "split", "narrow",
+}  # fmt: skip
+MATMUL = {"mm", "bmm", "addmm", "baddbmm", "addbmm"}
+# cuBLAS float32 GEMM (no TF32: torch's default) at 70% of the H100's 67 TFLOPS
+TORCH_MATMUL_FLOPS = 0.7 * 67e12
+
+
+@dataclass
+class AtenOp:
+    name: str
+    phase: str
+    bytes: int
+    flops: float
+    time_s: float
+
+
+def torch_backend_ops(op: str, layer: Layer, dtype) -> list[AtenOp]:
+    """The kernels the torch backend launches for one forward and backward of ``op``, each
+    modelled as max(FLOPs at cuBLAS speed, bytes at HBM speed) + launch overhead."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from benchmarks.static_sm90 import HOPPER
+    from fastcaps import torch_backend
+
+    def nbytes(x) -> int:
+        return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+    ops: list[AtenOp] = []
+    phase = {"name": "forward"}
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if func.is_view or name in NO_KERNEL:
+                return out
+            flat_in = torch.utils._pytree.tree_leaves((args, kwargs))
+            flat_out = torch.utils._pytree.tree_leaves(out)
+            moved = sum(nbytes(x) for x in flat_in) + sum(nbytes(x) for x in flat_out)
+            flops = 0.0
+            if name in MATMUL:
+                operands = [x for x in args if isinstance(x, torch.Tensor)]
+                first = 1 if name in ("baddbmm", "addmm", "addbmm") else 0
+                a, b = operands[first : first + 2]
+                flops = 2.0 * math.prod(a.shape) * b.shape[-1]
+            time_s = max(flops / TORCH_MATMUL_FLOPS, moved / HOPPER.dram_bytes_per_s)
+            ops.append(AtenOp(name, phase["name"], moved, flops, time_s + HOPPER.launch_s))
+            return out
+
+    args = _inputs(op, layer, dtype, "meta")
+    with Recorder():
+        out = _call(op, getattr(torch_backend, op), args, layer)
+        phase["name"] = "backward"
+        torch.autograd.grad(out, args, torch.ones_like(out))
+    return ops
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------
+
+
+def model_scenario(op: str, layer: Layer, dtype_name: str, **options) -> dict:
+    """Every launch of the Triton backend for one op, layer and dtype, modelled."""
+    import torch
+
+    from benchmarks.static_sm90 import analyse, model_launch
+
+    dtype = getattr(torch, dtype_name)
+    rows = []
+    launches = triton_launches(op, layer, dtype, **options)
+    variants = {launch.variant: launch.compiled for launch in launches}
+    with ThreadPoolExecutor(max_workers=4) as pool:  # the analysis waits on external tools
+        analyses = dict(zip(variants, pool.map(analyse, variants.values()), strict=True))
+    for launch in launches:
+        analysis = analyses[launch.variant]
+        trips = LOOP_TRIPS[launch.kernel](launch.scalars) if launch.kernel in LOOP_TRIPS else None
+        m = model_launch(launch, analysis, trips)
+        mix = m.dynamic_per_program
+        rows.append(
+            {
+                "kernel": launch.kernel,
+                "phase": launch.tags["phase"],
+                "variant": launch.variant,
+                "constexprs": {k: v for k, v in launch.scalars.items() if k.isupper()},
+                "grid": list(m.grid),
+                "programs": m.programs,
+                "num_warps": m.num_warps,
+                "registers": m.registers,
+                "spills": m.spills,
+                "local_bytes": m.local_bytes,
+                "shared_bytes": m.shared_bytes,
+                "blocks_per_sm": m.blocks_per_sm,
+                "waves": m.waves,
+                "loops": len(analysis.loops),
+                "loops_matched": m.loops_matched,
+                "trips": m.trips,
+                "static_instructions": m.static_instructions,
+                "static_mix": analysis.static_mix(),
+                "dynamic_per_program": mix,
+                "tensor_instructions": sum(
+                    v for k, v in mix.items() if k in ("HMMA", "HGMMA", "DMMA", "IMMA")
+                ),
+                "issue_us": m.issue_s * 1e6,
+                "memory_us": m.memory_s * 1e6,
+                "launch_us": m.launch_s * 1e6,
+                "time_us": m.time_s * 1e6,
+                "bound": m.bound,
+                "tensor_bytes": m.tensor_bytes,
+            }
+        )
+    return {
+        "op": op,
+        "layer": asdict(layer) | {"id": layer.id},
+        "dtype": dtype_name,
+        "provider": "triton",
+        "options": options,
+        "launches": rows,
+        "forward_us": sum(r["time_us"] for r in rows if r["phase"] == "forward"),
+        "backward_us": sum(r["time_us"] for r in rows if r["phase"] == "backward"),
+    }
+
+
+def model_torch_scenario(op: str, layer: Layer, dtype_name: str) -> dict:
+    import torch
+
+    ops = torch_backend_ops(op, layer, getattr(torch, dtype_name))
+    return {
+        "op": op,
+        "layer": asdict(layer) | {"id": layer.id},
+        "dtype": dtype_name,
+        "provider": "torch",
+        "options": {},
+        "launches": [asdict(o) | {"time_us": o.time_s * 1e6} for o in ops],
+        "forward_us": sum(o.time_s for o in ops if o.phase == "forward") * 1e6,
+        "backward_us": sum(o.time_s for o in ops if o.phase == "backward") * 1e6,
+    }
+
+
+def _total(s: dict) -> float:
+    return s["forward_us"] + s["backward_us"]
+
+
+def problems(scenarios: list[dict]) -> list[str]:
+    """What the checks object to: spills, unmatched loops, no tensor-core instruction in a
+    half-precision routing kernel, and kernels over 10 us with under one wave at B = 32."""
+    found = []
+    for s in scenarios:
+        if s["provider"] != "triton":
+            continue
+        where = f"{s['op']} {s['layer']['id']} {s['dtype']}"
+        for r in s["launches"]:
+            if r["spills"]:
+                found.append(f"{where}: {r['kernel']} spills ({r['local_bytes']} B local memory)")
+            if not r["loops_matched"]:
+                found.append(f"{where}: {r['kernel']}: {r['loops']} SASS loops, trips {r['trips']}")
+            half = s["dtype"] in ("bfloat16", "float16")
+            # the fused layer's forward forms u_hat on the tensor cores for half inputs
+            on_tensor_cores = r["kernel"] == "routing_forward_partial_kernel"
+            if half and on_tensor_cores and r["constexprs"].get("FROM_WEIGHT") and not r[
+                "tensor_instructions"
+            ]:
+                found.append(f"{where}: {r['kernel']} has no tensor-core instruction")
+            # at least one wave at B = 32 for kernels over 10 us (float64 is for tests only)
+            fast_dtype = s["dtype"] != "float64"
+            if fast_dtype and s["layer"]["B"] == 32 and r["time_us"] > 10 and r["programs"] < 132:
+                found.append(f"{where}: {r['kernel']} runs {r['programs']} programs (< 1 wave)")
+    return found
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1f}" if x < 1000 else f"{x:,.0f}"
+
+
+def write_report(data: dict, out: Path) -> Path:
+    lines = [
+        "# Static sm_90 (H100) cost report",
+        "",
+        "**Every time in this report is modelled, not measured** (unless a column says "
+        "measured): the Triton kernels fastcaps launches were compiled for sm_90 without a GPU "
+        "and their SASS read by `benchmarks/static_sm90.py`; the torch backend's ATen ops are "
+        "modelled from their bytes and FLOPs. Regenerate with `python -m benchmarks.gpu_static`.",
+        "",
+        f"Toolchain: torch {data['torch']}, triton {data['triton']}. Model constants: "
+        + ", ".join(f"{k} {v}" for k, v in data["model"].items() if not isinstance(v, list))
+        + ".",
+        "",
+        "Model: per launch `max(issue, memory) + launch overhead`. Issue time counts every SASS "
+        "instruction times the trip counts of its loops, per warp, times the warps of a program, "
+        "through the busiest of the SM's pipes (or its 4 dispatch slots); the busiest SM runs "
+        "`ceil(programs / 132)` programs, at reduced issue rate below 2 resident warps per "
+        "scheduler. Memory time is the bytes of the tensors a launch touches, once, at HBM3 "
+        "speed. The torch backend: each ATen kernel as max(FLOPs at cuBLAS float32 speed, bytes "
+        "at HBM speed) + launch overhead.",
+        "",
+    ]
+    scenarios = data["scenarios"]
+    baseline = {(b["op"], b["layer"]["id"], b["dtype"], b["provider"]): b
+                for b in data.get("baseline", [])}  # fmt: skip
+    measured = data.get("measured", {})
+    lines += ["## Summary (forward + backward)", ""]
+    head = "| op | layer | dtype | triton us | torch us | torch / triton |"
+    sep = "|---|---|---|---|---|---|"
+    if baseline:
+        head += " triton before us | before / after |"
+        sep += "---|---|"
+    lines += [head, sep]
+    by_key = {(s["op"], s["layer"]["id"], s["dtype"], s["provider"]): s for s in scenarios}
+    for (op, layer_id, dtype, provider), s in by_key.items():
+        if provider != "triton" or s.get("options"):
+            continue
+        t = by_key.get((op, layer_id, dtype, "torch"))
+        row = f"| {op} | {layer_id} | {dtype} | {_fmt(_total(s))} | "
+        row += (f"{_fmt(_total(t))} | {_total(t) / _total(s):.2f}x |" if t else " | |")
+        if baseline:
+            b = baseline.get((op, layer_id, dtype, provider))
+            row += (f" {_fmt(_total(b))} | {_total(b) / _total(s):.1f}x |" if b else " | |")
+        lines.append(row)
+    lines += ["", "## Every launched kernel", ""]
+    for s in scenarios:
+        if s["provider"] != "triton":
+            continue
+        key = f"{s['op']}|{s['layer']['id']}|{s['dtype']}"
+        opts = ", ".join(f"{k}={v}" for k, v in s["options"].items())
+        opts = f" ({opts})" if opts else ""
+        lines += [
+            f"### {s['op']} {s['layer']['id']} {s['dtype']}{opts}: "
+            f"{_fmt(s['forward_us'])} us forward, {_fmt(s['backward_us'])} us backward",
+            "",
+            "| # | kernel | phase | programs | warps | regs | spills | smem KiB | blocks/SM "
+            "| waves | SASS | warp-inst/program | FFMA | tensor | LDG/LDS/SHFL | issue us "
+            "| memory us | model us | bound |" + (" measured us |" if key in measured else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            + ("---|" if key in measured else ""),
+        ]
+        for i, r in enumerate(s["launches"]):
+            mix = r["dynamic_per_program"]
+            total = sum(mix.values())
+            ffma = mix.get("FFMA", 0) / total if total else 0
+            mem = sum(v for k, v in mix.items() if k.startswith(("LDG", "LDS", "LDSM")))
+            shfl = mix.get("SHFL", 0)
+            row = (
+                f"| {i} | {r['kernel'].removesuffix('_kernel')} | {r['phase']} | {r['programs']} "
+                f"| {r['num_warps']} | {r['registers']} | {'**yes**' if r['spills'] else 0} "
+                f"| {r['shared_bytes'] / 1024:.0f} | {r['blocks_per_sm']} | {r['waves']:.2f} "
+                f"| {r['static_instructions']} | {total:,.0f} | {ffma:.0%} "
+                f"| {r['tensor_instructions']:,.0f} | {mem:,.0f}/{shfl:,.0f} "
+                f"| {_fmt(r['issue_us'])} | {_fmt(r['memory_us'])} | {_fmt(r['time_us'])} "
+                f"| {r['bound']} |"
+            )
+            if key in measured:
+                got = measured[key][i] if i < len(measured[key]) else None
+                row += f" {_fmt(got) if got is not None else ''} |"
+            lines.append(row)
+        lines.append("")
+    found = problems(scenarios)
+    lines += ["## Checks", ""]
+    lines += [f"- {p}" for p in found] or ["- no spills, every loop matched, every check passed"]
+    lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    _atomic_write(path, "\n".join(lines))
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def measure(scenarios: list[dict], repeats: int = 20) -> dict:
+    """On a GPU: the mean CUDA time of every Triton kernel launch of each scenario (in launch
+    order), from torch.profiler. Keys: "op|layer id|dtype"."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastcaps.backend import _TRITON_OPS, load_triton_ops
+
+    load_triton_ops()
+    results = {}
+    for s in scenarios:
+        if s["provider"] != "triton" or s.get("options"):
+            continue
+        layer = Layer(**{k: v for k, v in s["layer"].items() if k != "id"})
+        args = _inputs(s["op"], layer, getattr(torch, s["dtype"]), "cuda")
+
+        def step(op=s["op"], args=args, layer=layer):
+            out = _call(op, _TRITON_OPS[op], args, layer)
+            torch.autograd.grad(out, args, torch.ones_like(out))
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                step()
+            torch.cuda.synchronize()
+        names = [r["kernel"] for r in s["launches"]]
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        ours = [e for e in kernels if any(e.name.startswith(n) for n in set(names))]
+        per_launch = [0.0] * len(names)
+        for i, e in enumerate(ours[: len(names) * repeats]):
+            per_launch[i % len(names)] += e.device_time / repeats
+        results[f"{s['op']}|{s['layer']['id']}|{s['dtype']}"] = per_launch
+    return results
+
+
+def _use_fastcaps_from(path: str | None) -> None:
+    """Import fastcaps from ``path`` (another checkout) instead of this one, with its top-level
+    kernels/ folder as fastcaps.kernels (what the install's package-dir mapping does)."""
+    if not path or path in sys.path:
+        return
+    import importlib.util
+
+    sys.path.insert(0, path)
+    for name in [m for m in sys.modules if m == "fastcaps" or m.startswith("fastcaps.")]:
+        del sys.modules[name]
+    kernels = Path(path) / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "fastcaps.kernels", kernels / "__init__.py", submodule_search_locations=[str(kernels)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastcaps.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+def _run_case(job: tuple) -> list[dict]:
+    """One case of the report: the Triton scenario and, when asked, the torch backend's."""
+    op, layer, dtype, options, with_torch, fastcaps_from = job
+    _use_fastcaps_from(fastcaps_from)
+    print(f"{op} {layer.id} {dtype} {options or ''}", flush=True)
+    found = [model_scenario(op, layer, dtype, **options)]
+    if with_torch:
+        found.append(model_torch_scenario(op, layer, dtype))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="output folder (%(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="compile every dtype at the MNIST, CIFAR-like and 100-class "
+                             "shapes; exit 1 on a spill or a failed check")  # fmt: skip
+    parser.add_argument("--baseline", type=Path, help="an earlier report.json: a before column")
+    parser.add_argument("--measure", action="store_true", help="time every kernel on the GPU")
+    parser.add_argument("--quick", action="store_true", help="capsule_routing at MNIST only")
+    parser.add_argument("--fastcaps-from", type=Path,
+                        help="model the fastcaps of another checkout (e.g. a `git worktree` of an "
+                             "older commit, for --baseline)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes compiling in parallel (default: %(default)s)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: this tool compiles the kernels for sm_90")
+    import torch
+    import triton
+
+    from benchmarks.static_sm90 import HOPPER
+
+    if args.check:
+        cases = [(op, layer, dtype, {})
+                 for layer in CHECK_LAYERS for op in ("capsule_routing", "dynamic_routing")
+                 for dtype in ("float32", "bfloat16", "float16", "float64")]  # fmt: skip
+        cases += [
+            ("capsule_routing", mnist(128), "float32", {"bias": True, "detach_logits": True}),
+            ("predictions", mnist(32), "float32", {}),
+            ("squash", mnist(32), "float32", {}),
+        ]
+    elif args.quick:
+        cases = [("capsule_routing", mnist(b), d, {}) for b in (32, 128)
+                 for d in ("float32", "bfloat16")]  # fmt: skip
+    else:
+        cases = [
+            (op, layer, dtype, {})
+            for op in OPS
+            for layer in REPORT_LAYERS
+            for dtype in ("float32", "bfloat16")
+            if op in ("capsule_routing", "dynamic_routing") or layer.name == "mnist"
+        ]
+    origin = str(args.fastcaps_from.resolve()) if args.fastcaps_from else None
+    jobs = [(op, layer, dtype, options, not options and not args.check, origin)
+            for op, layer, dtype, options in cases]  # fmt: skip
+    if args.jobs > 1:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+            results = list(pool.map(_run_case, jobs))
+    else:
+        results = [_run_case(job) for job in jobs]
+    scenarios = [s for pair in results for s in pair]
+    data = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(HOPPER).items()},
+        "scenarios": scenarios,
+    }
+    if args.baseline:
+        data["baseline"] = json.loads(args.baseline.read_text())["scenarios"]
+    if args.measure:
+        data["measured"] = measure(scenarios)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(args.out / "report.json", json.dumps(data, indent=1, default=str))
+    path = write_report(data, args.out)
+    found = problems(scenarios)
+    print(f"wrote {path} and report.json; {len(found)} problem(s)")
+    for p in found:
+        print("  " + p)
+    return 1 if (args.check and found) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
