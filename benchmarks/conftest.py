@@ -59,6 +59,9 @@ def pytest_configure(config):
     # before triton is imported); real CPU runs leave them out, interpreter times mean nothing.
     if is_tiny(config) and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        from fastcaps._interpreter import skip_repatching
+
+        skip_repatching()
 
 
 def pytest_generate_tests(metafunc):

@@ -56,48 +56,17 @@ B * Nin * Nout values). Nothing of size B * Nin * Nout or larger exists at any t
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from fastcaps.backend import register_triton_op
-from fastcaps.kernels.capsule_routing import capsule_routing_backward_pairs_kernel
-from fastcaps.triton_launch import batch_chunks, compute_dtype, pair_tiles
 from fastcaps.triton_routing import (
     PairSource,
     bias_grad,
-    routing_backward_state,
+    routing_backward,
     routing_forward,
     routing_state_fake,
     save_routing_options,
 )
-
-
-def capsule_routing_grads(
-    u: Tensor, weight: Tensor, V_all: Tensor, grad_s_all: Tensor, detach_logits: bool
-) -> tuple[Tensor, Tensor]:
-    """grad u [B, Nin, Din] and grad weight [Nin, Nout, Dout, Din] (input dtypes) from the routing
-    state, without materializing u_hat or grad u_hat."""
-    batch, n_in, d_in = u.shape
-    _, n_out, d_out, _ = weight.shape
-    grad_u = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    if batch == 0:
-        return grad_u, torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-    block_k = triton.next_power_of_2(d_in)
-    # the kernel holds weight tile and grad weight accumulator (x Din each) in registers
-    tiles = pair_tiles(n_in, n_out, d_out, elements=max(4096 // block_k, 1))
-    n_tiles = tiles.tiles(n_in)
-    # the partial sums hold at most half as many values as the logits would (B * Nin * Nout)
-    per_chunk = batch_chunks(batch, n_tiles, max_chunks=batch // (2 * d_out * d_in))
-    chunks = triton.cdiv(batch, per_chunk)
-    partial = torch.empty(chunks, n_in, n_out, d_out, d_in, dtype=V_all.dtype, device=weight.device)
-    capsule_routing_backward_pairs_kernel[(n_tiles, chunks)](
-        u, weight, V_all, grad_s_all, grad_u, partial, batch, n_in, n_out, d_out, d_in,
-        V_all.shape[0], per_chunk, *u.stride(), *weight.stride(),
-        DETACH_LOGITS=detach_logits, COMPUTE_DTYPE=compute_dtype(V_all.dtype),
-        BLOCK_I=tiles.block_i, BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, BLOCK_K=block_k,
-        num_warps=tiles.num_warps,
-    )  # fmt: skip
-    return grad_u, partial.sum(dim=0).to(weight.dtype)
 
 
 @torch.library.custom_op("fastcaps::capsule_routing", mutates_args=())
@@ -130,9 +99,8 @@ def capsule_routing_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad u, grad weight, grad s of every iteration)."""
     source = PairSource(u=u, weight=weight)
-    grad_s_all = routing_backward_state(source, s_all, V_all, grad_v, detach_logits, eps)
-    grad_u, grad_weight = capsule_routing_grads(u, weight, V_all, grad_s_all, detach_logits)
-    return grad_u, grad_weight, grad_s_all
+    grads = routing_backward(source, s_all, V_all, grad_v, detach_logits, eps)
+    return grads.grad_u, grads.grad_weight, grads.grad_s_all
 
 
 @capsule_routing_backward_op.register_fake

@@ -1,12 +1,69 @@
-"""Launch heuristics for every Triton kernel, in one place."""
+"""Launch heuristics for every Triton kernel, in one place: block sizes, warps, grid splits, the
+float32 dot precision and the compiler options every launch pins."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+# Streaming multiprocessors assumed when no GPU is present (the interpreter, the static sm_90
+# report): an H100 SXM.
+DEFAULT_SMS = 132
+
+# Every launch pins floating-point contraction (a*b+c as one FMA) instead of inheriting Triton's
+# default, which Triton 3.9 announces will change.
+COMPILER_OPTIONS = {"enable_fp_fusion": True}
+
+# torch.get_float32_matmul_precision() -> the input precision of float32 tl.dot: "highest" is
+# full float32 on the FMA units; "high" and "medium" opt in to the tensor cores (3 TF32 passes,
+# about float32 accuracy; or 1 TF32 pass, 10-bit mantissa inputs).
+FLOAT32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+TL_DTYPES = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The in-kernel math type: float64 for float64 tensors, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' tl.dot for inputs of ``dtype`` (only float32 has a
+    choice; it follows ``torch.set_float32_matmul_precision``)."""
+    if dtype != torch.float32:
+        return "ieee"
+    return FLOAT32_DOT_PRECISION[torch.get_float32_matmul_precision()]
+
+
+@functools.cache
+def min_dot_k(dtype: torch.dtype) -> int:
+    """The smallest K Triton's NVIDIA backend accepts for tl.dot on ``dtype`` (16 on Triton 3.6
+    for every 16/32/64-bit type; smaller for 32- and 64-bit on newer releases)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        element = {torch.float64: tl.float64, torch.float32: tl.float32}.get(dtype, tl.bfloat16)
+        return max(int(min_dot_size(GPUTarget("cuda", 90, 32))(element, element)[2]), 1)
+    except Exception:  # an older or different backend: the conservative bound
+        return 16
+
+
+def multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
 
 
 @dataclass(frozen=True)
@@ -19,18 +76,15 @@ class RowLaunch:
     grid: tuple[int]
 
 
-def row_launch(n_rows: int, d: int) -> RowLaunch:
-    """Whole rows per program (D is padded to a power of two and masked), about 4K elements per
-    program so short capsules still give each warp enough work."""
+def row_launch(n_rows: int, d: int, max_elements: int = 4096, min_programs: int = 1) -> RowLaunch:
+    """Whole rows per program (D is padded to a power of two and masked), up to ``max_elements``
+    per program, fewer when that leaves under ``min_programs`` programs."""
     block_d = triton.next_power_of_2(d)
-    block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)), 4096 // block_d))
-    num_warps = 4 if block_rows * block_d >= 2048 else 2
+    block_rows = min(triton.next_power_of_2(max(n_rows, 1)), max(1, max_elements // block_d))
+    while block_rows > 1 and triton.cdiv(n_rows, block_rows) < min_programs:
+        block_rows //= 2
+    num_warps = 4 if block_rows * block_d >= 2048 else (2 if block_rows * block_d >= 512 else 1)
     return RowLaunch(block_rows, block_d, num_warps, (triton.cdiv(n_rows, block_rows),))
-
-
-def compute_dtype(dtype: torch.dtype):
-    """The in-kernel math type: float64 for float64 tensors, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @dataclass(frozen=True)
@@ -65,3 +119,221 @@ def batch_chunks(batch: int, n_tiles: int, max_chunks: int | None = None) -> int
     if max_chunks is not None:
         chunks = max(1, min(chunks, max_chunks))
     return triton.cdiv(batch, chunks)
+
+
+# ----------------------------------------------------------------------------------------------
+# routing
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one routing kernel splits a layer: programs own ``block_b`` samples (``num_warps``
+    warps), a slice of ``capsules_per_slice`` input capsules and one of ``parent_chunks`` chunks
+    of parents, ``slices x chunks x parent_chunks`` programs in all; each program walks
+    ``blocks_per_chunk`` of the ``sample_blocks`` sample blocks. The partial-sum kernels have one
+    sample block per chunk (``chunks = sample_blocks``)."""
+
+    block_b: int
+    num_warps: int
+    sample_blocks: int
+    capsules_per_slice: int
+    slices: int
+    blocks_per_chunk: int
+    chunks: int
+    parent_chunks: int = 1
+    dot_dtype: object = None  # the tl dtype of the u_hat dot's operands (None: the input's)
+
+    @property
+    def programs(self) -> int:
+        return self.slices * self.chunks * self.parent_chunks
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """How the routing kernels tile a layer (see ``fastcaps.kernels.routing``): ``forward`` for
+    the forward partial sums, ``backward`` for the backward ones (more tiles live, so fewer
+    samples per program), ``pairs`` for the pairs kernel, ``stats`` for the softmax statistics
+    kernel of chunked parents. The parents are two power-of-two groups of ``ja`` and ``jb`` (0:
+    none) parents, or, when they are too many for the registers, ``parent_chunks`` chunks of
+    ``ja`` (``jb`` = 0). Dout is padded to ``dp`` and Din to ``kp`` (the dot's minimum K)."""
+
+    forward: Tiling
+    backward: Tiling
+    pairs: Tiling
+    stats: Tiling
+    ja: int
+    jb: int
+    dp: int
+    kp: int
+    precision: str
+
+    @property
+    def parent_chunks(self) -> int:
+        return self.forward.parent_chunks
+
+    @property
+    def chunked(self) -> bool:
+        return self.parent_chunks > 1
+
+    def kernel_options(self, tiling: Tiling) -> dict:
+        """The constexprs and launch options of a routing kernel with this tiling."""
+        return dict(
+            KP=self.kp, JA=self.ja, JB=self.jb, DP=self.dp, PRECISION=self.precision,
+            BLOCK_B=tiling.block_b, DOT_DTYPE=tiling.dot_dtype, num_warps=tiling.num_warps,
+            **COMPILER_OPTIONS,
+        )  # fmt: skip
+
+
+def parent_groups(n_out: int) -> tuple[int, int]:
+    """(ja, jb): the largest power of two <= Nout, and the rest rounded up (0 when none)."""
+    ja = 1 << (n_out.bit_length() - 1)
+    rest = n_out - ja
+    return ja, (triton.next_power_of_2(rest) if rest else 0)
+
+
+# Test hook: tiling choices to force (see ``override_routing_plan``).
+_PLAN_OVERRIDES: dict = {}
+
+
+@contextlib.contextmanager
+def override_routing_plan(**fields):
+    """Force tiling choices of every RoutingPlan made inside the block: ``block_b`` (every
+    kernel), ``capsules_per_slice`` (every kernel), ``chunks`` (pairs), ``programs`` (the target
+    that replaces the SM count), ``store_coefficients`` (see ``store_coefficients``),
+    ``parent_chunks`` > 1 with ``chunk_parents`` (walk the parents in chunks of that many). Tests
+    use it to run the split, chunked and recomputing paths on small shapes."""
+    previous = dict(_PLAN_OVERRIDES)
+    _PLAN_OVERRIDES.update(fields)
+    try:
+        yield
+    finally:
+        _PLAN_OVERRIDES.clear()
+        _PLAN_OVERRIDES.update(previous)
+
+
+def _warps(block_b: int, element_bytes: int) -> int:
+    """8 warps for tiles of 32 float32 samples or more (16 float64), else 4."""
+    return 8 if block_b * max(element_bytes, 4) >= 128 else 4
+
+
+def _partial_tiling(
+    batch: int,
+    n_in: int,
+    d_out: int,
+    max_block_b: int,
+    element_bytes: int,
+    target: int,
+    parent_chunks: int = 1,
+) -> Tiling:
+    """Tiling of a partial-sum kernel. A slice holds at least Dout capsules, so the partial sums
+    (``slices x B x Nout x Dout``) never exceed the logits' size (B x Nin x Nout); within that,
+    programs get as many samples as possible (up to ``max_block_b``; at least 16, the dot's
+    minimum M) while the programs still fill every SM once (one 8-warp or two 4-warp programs
+    per SM)."""
+    max_slices = max(1, n_in // max(d_out, 1))
+    block_b = min(max_block_b, max(16, triton.next_power_of_2(batch)))
+    while block_b > 16 and triton.cdiv(batch, block_b) * max_slices < target:
+        block_b //= 2
+    block_b = _PLAN_OVERRIDES.get("block_b") or block_b
+    num_warps = _warps(block_b, element_bytes)
+    resident = 1 if num_warps == 8 else 2
+    sample_blocks = triton.cdiv(batch, block_b)
+    slices = max(1, min(max_slices, resident * target // (sample_blocks * parent_chunks)))
+    per_slice = _PLAN_OVERRIDES.get("capsules_per_slice") or triton.cdiv(n_in, slices)
+    return Tiling(block_b, num_warps, sample_blocks, per_slice, triton.cdiv(n_in, per_slice),
+                  1, sample_blocks, parent_chunks)  # fmt: skip
+
+
+def _pairs_tiling(
+    batch: int,
+    n_in: int,
+    d_out: int,
+    d_in: int,
+    block_b: int,
+    element_bytes: int,
+    target: int,
+    parent_chunks: int = 1,
+) -> Tiling:
+    """Tiling of the pairs kernel: no partial sums over the capsules, so they are split finely,
+    about one program per SM; grad W is summed over ``chunks`` of the batch only when the
+    capsules alone cannot fill the GPU, and its partial sums stay below the logits' size
+    (``chunks * Dout * Din <= B``)."""
+    block_b = _PLAN_OVERRIDES.get("block_b") or block_b
+    num_warps = _warps(block_b, element_bytes)
+    target = max(1, target * (1 if num_warps == 8 else 2) // parent_chunks)
+    per_slice = _PLAN_OVERRIDES.get("capsules_per_slice") or triton.cdiv(n_in, min(n_in, target))
+    slices = triton.cdiv(n_in, per_slice)
+    sample_blocks = triton.cdiv(batch, block_b)
+    chunks = max(1, min(sample_blocks, target // slices, batch // max(d_out * d_in, 1)))
+    chunks = _PLAN_OVERRIDES.get("chunks") or chunks
+    per_chunk = triton.cdiv(sample_blocks, chunks)
+    return Tiling(block_b, num_warps, sample_blocks, per_slice, slices, per_chunk,
+                  triton.cdiv(sample_blocks, per_chunk), parent_chunks)  # fmt: skip
+
+
+def routing_plan(
+    batch: int, n_in: int, n_out: int, d_out: int, d_in: int, dtype: torch.dtype, device
+) -> RoutingPlan:
+    """The tiling of the routing kernels for a layer on ``device`` (see RoutingPlan): blocks of
+    up to 64 samples in the forward kernels, 32 in the backward ones, which keep more tiles in
+    registers (16 for float64, whose values take two registers each)."""
+    target = _PLAN_OVERRIDES.get("programs") or multiprocessors(torch.device(device))
+    element = TL_DTYPES[dtype]
+    wide = 8 if dtype == torch.float64 else 4  # bytes of the math type: smaller float64 tiles
+    ja, jb = parent_groups(n_out)
+    dp = max(triton.next_power_of_2(d_out), triton.cdiv(16, min(ja, jb or ja)))
+    columns = 256 if wide == 4 else 128  # a tile's columns (parents x Dout) that fit registers
+    parent_chunks = _PLAN_OVERRIDES.get("parent_chunks") or 1
+    if parent_chunks > 1 or ja * dp > columns or jb * dp > columns // 2:
+        # too many parents for one tile: chunks of ja, coupled through softmax statistics
+        # chunks as wide as the first group of a 10-parent layer: 128 float32 columns
+        ja = _PLAN_OVERRIDES.get("chunk_parents") or max(
+            1, 1 << ((max(columns // 2 // triton.next_power_of_2(d_out), 1)).bit_length() - 1)
+        )
+        jb = 0
+        dp = max(triton.next_power_of_2(d_out), triton.cdiv(16, ja))
+        parent_chunks = triton.cdiv(n_out, ja)
+    forward = _partial_tiling(batch, n_in, d_out, 64 if wide == 4 else 16, wide, target,
+                              parent_chunks)  # fmt: skip
+    # float64 forward: 4 warps (8 make ptxas spill around the float64 dot)
+    forward = replace(forward, dot_dtype=element, num_warps=4 if wide == 8 else forward.num_warps)
+    # half inputs: the backward partial kernel's u_hat in float32 (FMA) keeps its tensor-core
+    # layouts out of registers, which otherwise spill
+    backward = replace(
+        _partial_tiling(batch, n_in, d_out, 32 if wide == 4 else 16, wide, target, parent_chunks),
+        dot_dtype=tl.float64 if dtype == torch.float64 else tl.float32,
+    )
+    pairs = replace(
+        _pairs_tiling(batch, n_in, d_out, d_in, backward.block_b, wide, target, parent_chunks),
+        dot_dtype=element,
+    )
+    stats = replace(_partial_tiling(batch, n_in, d_out, 32 if wide == 4 else 16, wide, target),
+                    dot_dtype=backward.dot_dtype)  # fmt: skip
+    return RoutingPlan(
+        forward=forward,
+        backward=backward,
+        pairs=pairs,
+        stats=stats,
+        ja=ja,
+        jb=jb,
+        dp=dp,
+        kp=max(triton.next_power_of_2(d_in), min_dot_k(dtype)),
+        precision=dot_precision(dtype),
+    )
+
+
+def store_coefficients(iterations: int, d_out: int) -> bool:
+    """Whether the backward keeps c_r and ga_r of the iterations r >= 1 for the pairs kernel, in
+    two [R-1, B, Nin, Nout] buffers, so that the pairs kernel needs neither u_hat nor the logits.
+    Only while the two take at most half of u_hat's size (4 (R-1) <= Dout: up to 5 iterations at
+    Dout = 16); otherwise the pairs kernel recomputes them."""
+    forced = _PLAN_OVERRIDES.get("store_coefficients")
+    return forced if forced is not None else 4 * (iterations - 1) <= d_out
+
+
+def combine_launch(batch: int, n_out: int, d_out: int, device) -> RowLaunch:
+    """The combine kernels: one output capsule per row, enough programs to spread the slices'
+    sum over the SMs."""
+    return row_launch(batch * n_out, d_out, max_elements=1024,
+                      min_programs=multiprocessors(torch.device(device)))  # fmt: skip

@@ -16,7 +16,7 @@ from fastcaps.kernels.predictions import (
     predictions_grad_input_kernel,
     predictions_grad_weight_kernel,
 )
-from fastcaps.triton_launch import batch_chunks, compute_dtype, pair_tiles
+from fastcaps.triton_launch import COMPILER_OPTIONS, batch_chunks, compute_dtype, pair_tiles
 
 
 def predictions_forward(u: Tensor, weight: Tensor) -> Tensor:
@@ -26,10 +26,11 @@ def predictions_forward(u: Tensor, weight: Tensor) -> Tensor:
     u_hat = u.new_empty(batch, n_in, n_out, d_out)
     if u_hat.numel():
         tiles = pair_tiles(n_in, n_out, d_out)
-        predictions_forward_kernel[(tiles.tiles(n_in), batch)](
+        predictions_forward_kernel[(tiles.tiles(n_in) * batch,)](
             u, weight, u_hat, n_in, n_out, d_out, *u.stride(), *weight.stride(),
             DIN=d_in, COMPUTE_DTYPE=compute_dtype(u.dtype), BLOCK_I=tiles.block_i,
             BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+            **COMPILER_OPTIONS,
         )  # fmt: skip
     return u_hat
 
@@ -41,10 +42,11 @@ def predictions_grad_input(grad_u_hat: Tensor, weight: Tensor, dtype: torch.dtyp
     grad_u = grad_u_hat.new_empty(batch, n_in, d_in, dtype=dtype)
     if grad_u.numel():
         tiles = pair_tiles(n_in, n_out, d_out)
-        predictions_grad_input_kernel[(tiles.tiles(n_in), batch)](
+        predictions_grad_input_kernel[(tiles.tiles(n_in) * batch,)](
             grad_u_hat, weight, grad_u, n_in, n_out, d_out, *grad_u_hat.stride(), *weight.stride(),
             DIN=d_in, COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_I=tiles.block_i,
             BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+            **COMPILER_OPTIONS,
         )  # fmt: skip
     return grad_u
 
@@ -61,11 +63,12 @@ def predictions_grad_weight(grad_u_hat: Tensor, u: Tensor, dtype: torch.dtype) -
     chunks = -(-batch // per_chunk)
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     partial = u.new_empty(chunks, n_in, n_out, d_out, d_in, dtype=work_dtype)
-    predictions_grad_weight_kernel[(tiles.tiles(n_in), chunks)](
+    predictions_grad_weight_kernel[(tiles.tiles(n_in) * chunks,)](
         grad_u_hat, u, partial, batch, n_in, n_out, d_out, per_chunk,
         *grad_u_hat.stride(), *u.stride(),
         DIN=d_in, COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_I=tiles.block_i,
         BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+            **COMPILER_OPTIONS,
     )  # fmt: skip
     return partial.sum(dim=0).to(dtype)
 

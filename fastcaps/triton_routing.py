@@ -1,10 +1,13 @@
 """dynamic_routing on Triton: host launchers, registered as the ``torch.library`` ops
 ``fastcaps::dynamic_routing`` and ``fastcaps::dynamic_routing_backward`` (autograd and fake
-implementations included; kernels in fastcaps.kernels.routing).
+implementations included; kernels in fastcaps.kernels.routing, tiling in
+``fastcaps.triton_launch.routing_plan``).
 
-Forward is one launch for all iterations (one program per sample) and saves, besides u_hat, only
-s and V = v_0 + ... + v_(r-1) per iteration: [R, B, Nout, Dout] each. Backward is two launches:
-the per-sample state kernel (grad s of every iteration) and the pairs kernel (grad u_hat).
+Forward is two launches per iteration (partial sums over slices of input capsules, then their
+combine with bias and squash) and saves, besides u_hat, only s and V = v_0 + ... + v_(r-1) per
+iteration: [R, B, Nout, Dout] each. Backward is two launches per iteration after the first
+(partial gV, combine into grad s), then one pairs launch that forms grad u_hat, or in the fused
+layer (``fastcaps.triton_capsule_routing``) grad u and grad W.
 """
 
 from __future__ import annotations
@@ -14,14 +17,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastcaps import torch_backend
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.routing import (
+    routing_backward_combine_kernel,
     routing_backward_pairs_kernel,
-    routing_backward_state_kernel,
-    routing_forward_kernel,
+    routing_backward_partial_kernel,
+    routing_forward_combine_kernel,
+    routing_forward_partial_kernel,
+    routing_output_grad_kernel,
+    routing_softmax_stats_kernel,
 )
-from fastcaps.triton_launch import compute_dtype, pair_tiles
+from fastcaps.triton_launch import (
+    COMPILER_OPTIONS,
+    RoutingPlan,
+    Tiling,
+    combine_launch,
+    compute_dtype,
+    routing_plan,
+    store_coefficients,
+)
 from fastcaps.triton_predictions import predictions_op
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved routing state: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -44,86 +65,222 @@ class PairSource:
             return tuple(self.u_hat.shape)
         return (self.u.shape[0], self.u.shape[1], self.weight.shape[1], self.weight.shape[2])
 
-    def pointer_args(self) -> tuple:
-        """u_hat_ptr, u_ptr, w_ptr followed by the u_hat, u and weight strides (zeros for the
-        tensors that are absent; their pointers are never read)."""
-        any_tensor = self.u_hat if self.u_hat is not None else self.u
-        ptrs = tuple(t if t is not None else any_tensor for t in (self.u_hat, self.u, self.weight))
-        strides = (
-            self.u_hat.stride() if self.u_hat is not None else (0,) * 4,
-            self.u.stride() if self.u is not None else (0,) * 3,
-            self.weight.stride() if self.weight is not None else (0,) * 4,
-        )
-        return ptrs + strides[0] + strides[1] + strides[2]
-
     @property
     def din(self) -> int:
         return 1 if self.weight is None else self.weight.shape[-1]
+
+    @property
+    def tensor(self) -> Tensor:
+        return self.u_hat if self.u_hat is not None else self.u
+
+    def pointers(self) -> tuple[Tensor, Tensor, Tensor]:
+        """u_hat_ptr, u_ptr, w_ptr (the absent ones stand in with a present tensor, never read)."""
+        t = self.tensor
+        return tuple(x if x is not None else t for x in (self.u_hat, self.u, self.weight))
+
+    def strides(self) -> tuple[int, ...]:
+        """The u_hat, u and weight strides (zeros for the absent tensors)."""
+        return (
+            *(self.u_hat.stride() if self.u_hat is not None else (0,) * 4),
+            *(self.u.stride() if self.u is not None else (0,) * 3),
+            *(self.weight.stride() if self.weight is not None else (0,) * 4),
+        )
+
+    def plan(self) -> RoutingPlan:
+        batch, n_in, n_out, d_out = self.shape
+        t = self.tensor
+        return routing_plan(batch, n_in, n_out, d_out, self.din, t.dtype, t.device)
+
+    def constexprs(self, plan: RoutingPlan, tiling: Tiling, dtype: torch.dtype) -> dict:
+        return dict(FROM_WEIGHT=self.from_weight, DIN=self.din,
+                    COMPUTE_DTYPE=compute_dtype(dtype), **plan.kernel_options(tiling))  # fmt: skip
 
 
 def routing_forward(
     source: PairSource, bias: Tensor | None, iterations: int, eps: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """v [B, Nout, Dout] in ``dtype``; s_all and V_all [R, B, Nout, Dout] in the compute dtype."""
+    """v [B, Nout, Dout] in ``dtype``; s_all and V_all [R, B, Nout, Dout] in the work dtype."""
     batch, n_in, n_out, d_out = source.shape
-    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    device = (source.u_hat if source.u_hat is not None else source.u).device
+    device = source.tensor.device
     v = torch.empty(batch, n_out, d_out, dtype=dtype, device=device)
-    s_all = torch.empty(iterations, batch, n_out, d_out, dtype=work_dtype, device=device)
+    s_all = torch.empty(iterations, batch, n_out, d_out, dtype=work_dtype(dtype), device=device)
     V_all = torch.empty_like(s_all)
-    if batch:  # Nin >= 1 is validated by the public API
-        tiles = pair_tiles(n_in, n_out, d_out)
-        bias_arg = bias if bias is not None else v
-        bias_strides = bias.stride() if bias is not None else (0, 0)
-        routing_forward_kernel[(batch,)](
-            *source.pointer_args()[:3], bias_arg, v, s_all, V_all, batch, n_in, n_out, d_out,
-            iterations, eps, *source.pointer_args()[3:], *bias_strides,
-            HAS_BIAS=bias is not None, FROM_WEIGHT=source.from_weight, DIN=source.din,
-            COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_I=tiles.block_i, BLOCK_J=tiles.block_j,
-            BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+    if batch == 0:  # Nin >= 1 is validated by the public API
+        return v, s_all, V_all
+    plan = source.plan()
+    tiling = plan.forward
+    partial = s_all.new_empty(tiling.slices, batch, n_out, d_out)
+    lse = s_all.new_empty((1, batch, n_in) if plan.chunked else (0,))
+    combine = combine_launch(batch, n_out, d_out, device)
+    bias_arg = bias if bias is not None else v
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    for r in range(iterations):
+        if plan.chunked and r > 0:
+            _softmax_stats(source, plan, V_all, s_all, lse, lse, r, 0, with_grad=False)
+        routing_forward_partial_kernel[(tiling.programs,)](
+            *source.pointers(), V_all, lse, partial, batch, n_in, n_out, d_out,
+            tiling.capsules_per_slice, plan.parent_chunks, r, *source.strides(), UNIFORM=r == 0,
+            CHUNKED=plan.chunked, **source.constexprs(plan, tiling, dtype),
+        )  # fmt: skip
+        routing_forward_combine_kernel[combine.grid](
+            partial, bias_arg, s_all, V_all, v, batch, n_out, d_out, tiling.slices, r, iterations,
+            eps, *bias_strides, HAS_BIAS=bias is not None, COMPUTE_DTYPE=compute_dtype(dtype),
+            BLOCK_ROWS=combine.block_rows, BLOCK_D=combine.block_d, num_warps=combine.num_warps,
+            **COMPILER_OPTIONS,
         )  # fmt: skip
     return v, s_all, V_all
 
 
-def routing_backward_state(
+def _softmax_stats(
+    source: PairSource,
+    plan: RoutingPlan,
+    V_all: Tensor,
+    grad_s_all: Tensor,
+    lse: Tensor,
+    inner: Tensor,
+    r: int,
+    slot: int,
+    with_grad: bool,
+) -> None:
+    """Chunked parents: the log-sum-exp of iteration r's logits (and with ``with_grad`` the
+    softmax backward's inner product) of every sample and capsule, into ``slot``."""
+    batch, n_in, n_out, d_out = source.shape
+    tiling = plan.stats
+    routing_softmax_stats_kernel[(tiling.programs,)](
+        *source.pointers(), V_all, grad_s_all, lse, inner, batch, n_in, n_out, d_out,
+        tiling.capsules_per_slice, plan.parent_chunks, r, slot, *source.strides(),
+        WITH_GRAD=with_grad, FROM_WEIGHT=source.from_weight, DIN=source.din,
+        COMPUTE_DTYPE=compute_dtype(V_all.dtype),
+        **{k: v for k, v in plan.kernel_options(tiling).items() if k != "JB"},
+    )  # fmt: skip
+
+
+@dataclass
+class RoutingGrads:
+    """What the routing backward produced: grad s of every iteration, and grad u_hat (stored
+    source) or grad u and grad weight (u and weight source), None when not asked for."""
+
+    grad_s_all: Tensor
+    grad_u_hat: Tensor | None = None
+    grad_u: Tensor | None = None
+    grad_weight: Tensor | None = None
+
+
+def routing_backward(
     source: PairSource,
     s_all: Tensor,
     V_all: Tensor,
     grad_v: Tensor,
     detach_logits: bool,
     eps: float,
-) -> Tensor:
-    """grad s of every iteration, [R, B, Nout, Dout] in the compute dtype."""
+    need_input_grads: bool = True,
+) -> RoutingGrads:
+    """Backward of ``routing_forward``: grad s of every iteration [R, B, Nout, Dout] (work dtype)
+    and, with ``need_input_grads``, the gradients of the source tensors."""
     iterations, batch, n_out, d_out = s_all.shape
     n_in = source.shape[1]
-    grad_s_all = torch.zeros_like(s_all) if detach_logits else torch.empty_like(s_all)
-    if batch:
-        tiles = pair_tiles(n_in, n_out, d_out)
-        routing_backward_state_kernel[(batch,)](
-            *source.pointer_args()[:3], s_all, V_all, grad_v, grad_s_all, batch, n_in, n_out,
-            d_out, iterations, eps, *source.pointer_args()[3:], *grad_v.stride(),
-            DETACH_LOGITS=detach_logits, FROM_WEIGHT=source.from_weight, DIN=source.din,
-            COMPUTE_DTYPE=compute_dtype(s_all.dtype), BLOCK_I=tiles.block_i,
-            BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+    dtype = source.tensor.dtype
+    last_only = detach_logits or iterations == 1
+    grad_s_all = torch.empty_like(s_all)
+    if batch == 0 or (last_only and not need_input_grads):
+        # only grad s is needed (a bias): one squash backward, no pass over u_hat
+        grad_s_all.zero_()
+        grad_s_all[-1] = torch_backend.squash_backward(s_all[-1], grad_v.to(s_all.dtype), eps)
+        return _empty_input_grads(source, grad_s_all, need_input_grads)
+    plan = source.plan()
+    tiling = plan.backward
+    # c_r and ga_r of the iterations r >= 1, kept for the pairs kernel (which then needs no u_hat)
+    stored = not last_only and store_coefficients(iterations, d_out)
+    coef = s_all.new_empty((iterations - 1, batch, n_in, n_out) if stored else (0,))
+    coef_grad = torch.empty_like(coef)
+    # chunked parents: softmax statistics of the iterations r >= 1 (slot r - 1)
+    slots = max(iterations - 1, 1)
+    lse = s_all.new_empty((slots, batch, n_in) if plan.chunked else (0,))
+    inner = torch.empty_like(lse)
+    combine = combine_launch(batch, n_out, d_out, s_all.device)
+    if plan.chunked and not last_only:  # grad s of the last iteration, before the stats need it
+        routing_output_grad_kernel[combine.grid](
+            s_all, grad_v, grad_s_all, batch, n_out, d_out, iterations, eps, *grad_v.stride(),
+            DETACHED=False, COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_ROWS=combine.block_rows,
+            BLOCK_D=combine.block_d, num_warps=combine.num_warps, **COMPILER_OPTIONS,
         )  # fmt: skip
-    return grad_s_all
+    if not last_only:
+        partial = s_all.new_empty(tiling.slices, batch, n_out, d_out)
+        grad_later = s_all.new_empty(batch, n_out, d_out)
+        for r in range(iterations - 1, 0, -1):
+            if plan.chunked:
+                _softmax_stats(source, plan, V_all, grad_s_all, lse, inner, r, r - 1, True)
+            routing_backward_partial_kernel[(tiling.programs,)](
+                *source.pointers(), s_all, V_all, grad_v, grad_s_all, partial, coef, coef_grad,
+                lse, inner, batch, n_in, n_out, d_out, tiling.capsules_per_slice,
+                plan.parent_chunks, r, eps, *source.strides(), *grad_v.stride(),
+                GRAD_FROM_OUTPUT=r == iterations - 1 and not plan.chunked,
+                STORE_COEFFICIENTS=stored, CHUNKED=plan.chunked,
+                **source.constexprs(plan, tiling, dtype),
+            )  # fmt: skip
+            routing_backward_combine_kernel[combine.grid](
+                partial, s_all, grad_later, grad_s_all, batch, n_out, d_out, tiling.slices, r, eps,
+                FIRST=r == iterations - 1, COMPUTE_DTYPE=compute_dtype(dtype),
+                BLOCK_ROWS=combine.block_rows, BLOCK_D=combine.block_d,
+                num_warps=combine.num_warps, **COMPILER_OPTIONS,
+            )  # fmt: skip
+    if not need_input_grads:
+        return RoutingGrads(grad_s_all)
+    if plan.chunked and last_only:  # the last iteration's statistics
+        last = iterations - 1
+        _softmax_stats(source, plan, V_all, grad_s_all, lse, inner, last, slots - 1, False)
+    pairs = plan.pairs
+    grads = _allocate_input_grads(source, plan, grad_s_all)
+    out = (grads.grad_u_hat, grads.grad_u, grads.grad_weight)
+    present = next(t for t in out if t is not None)
+    routing_backward_pairs_kernel[(pairs.programs,)](
+        *source.pointers(), s_all, V_all, grad_v, grad_s_all, coef, coef_grad, lse, inner,
+        *(t if t is not None else present for t in out), batch, n_in, n_out, d_out,
+        pairs.capsules_per_slice, pairs.blocks_per_chunk, pairs.chunks, plan.parent_chunks,
+        iterations, eps, *source.strides(), *grad_v.stride(), LAST_ONLY=last_only,
+        STORED_COEFFICIENTS=stored, CHUNKED=plan.chunked, **source.constexprs(plan, pairs, dtype),
+    )  # fmt: skip
+    if grads.grad_u is not None and plan.chunked:  # the parent chunks' parts
+        grads.grad_u = grads.grad_u.sum(dim=0).to(source.u.dtype)
+    if grads.grad_weight is not None:  # the batch chunks' partial sums, in the work dtype
+        partial = grads.grad_weight
+        total = partial[0] if partial.shape[0] == 1 else partial.sum(dim=0)
+        grads.grad_weight = total.to(source.weight.dtype)
+    return grads
 
 
-def routing_grad_u_hat(
-    u_hat: Tensor, V_all: Tensor, grad_s_all: Tensor, detach_logits: bool
-) -> Tensor:
-    """grad u_hat [B, Nin, Nout, Dout], contiguous, in u_hat's dtype."""
-    batch, n_in, n_out, d_out = u_hat.shape
-    grad_u_hat = torch.empty(u_hat.shape, dtype=u_hat.dtype, device=u_hat.device)
-    if grad_u_hat.numel():
-        tiles = pair_tiles(n_in, n_out, d_out)
-        routing_backward_pairs_kernel[(tiles.tiles(n_in), batch)](
-            u_hat, V_all, grad_s_all, grad_u_hat, batch, n_in, n_out, d_out, V_all.shape[0],
-            *u_hat.stride(), DETACH_LOGITS=detach_logits,
-            COMPUTE_DTYPE=compute_dtype(V_all.dtype), BLOCK_I=tiles.block_i,
-            BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-        )  # fmt: skip
-    return grad_u_hat
+def _allocate_input_grads(source: PairSource, plan: RoutingPlan, grad_s_all: Tensor):
+    if source.from_weight:
+        u, weight = source.u, source.weight
+        grad_u = (
+            grad_s_all.new_empty(plan.parent_chunks, *u.shape)  # summed over the chunks after
+            if plan.chunked
+            else torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        )
+        return RoutingGrads(
+            grad_s_all,
+            grad_u=grad_u,
+            grad_weight=grad_s_all.new_empty(plan.pairs.chunks, *weight.shape),
+        )
+    u_hat = source.u_hat
+    return RoutingGrads(
+        grad_s_all, grad_u_hat=torch.empty(u_hat.shape, dtype=u_hat.dtype, device=u_hat.device)
+    )
+
+
+def _empty_input_grads(source: PairSource, grad_s_all: Tensor, need: bool) -> RoutingGrads:
+    """Input gradients of an empty batch (zeros for the weight, which sums over the batch)."""
+    if not need:
+        return RoutingGrads(grad_s_all)
+    if source.from_weight:
+        return RoutingGrads(
+            grad_s_all,
+            grad_u=torch.empty_like(source.u, memory_format=torch.contiguous_format),
+            grad_weight=torch.zeros_like(source.weight, memory_format=torch.contiguous_format),
+        )
+    return RoutingGrads(
+        grad_s_all, grad_u_hat=torch.empty_like(source.u_hat, memory_format=torch.contiguous_format)
+    )
 
 
 def bias_grad(ctx, grad_s_all: Tensor, bias_index: int) -> Tensor | None:
@@ -135,9 +292,8 @@ def bias_grad(ctx, grad_s_all: Tensor, bias_index: int) -> Tensor | None:
 
 def routing_state_fake(batch: int, n_out: int, d_out: int, iterations: int, like: Tensor):
     """Fake (shape-only) v, s_all and V_all for ``torch.compile``."""
-    work_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     v = like.new_empty(batch, n_out, d_out)
-    s_all = like.new_empty(iterations, batch, n_out, d_out, dtype=work_dtype)
+    s_all = like.new_empty(iterations, batch, n_out, d_out, dtype=work_dtype(like.dtype))
     return v, s_all, torch.empty_like(s_all)
 
 
@@ -171,11 +327,11 @@ def dynamic_routing_backward_op(
     need_u_hat: bool,
 ) -> tuple[Tensor, Tensor]:
     """(grad u_hat, or an empty tensor when not needed; grad s of every iteration)."""
-    source = PairSource(u_hat=u_hat)
-    grad_s_all = routing_backward_state(source, s_all, V_all, grad_v, detach_logits, eps)
-    if not need_u_hat:
-        return u_hat.new_empty(0), grad_s_all
-    return routing_grad_u_hat(u_hat, V_all, grad_s_all, detach_logits), grad_s_all
+    grads = routing_backward(
+        PairSource(u_hat=u_hat), s_all, V_all, grad_v, detach_logits, eps, need_u_hat
+    )
+    grad_u_hat = grads.grad_u_hat if need_u_hat else u_hat.new_empty(0)
+    return grad_u_hat, grads.grad_s_all
 
 
 @dynamic_routing_backward_op.register_fake

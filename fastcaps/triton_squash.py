@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.squash import squash_backward_kernel, squash_forward_kernel
-from fastcaps.triton_launch import compute_dtype, row_launch
+from fastcaps.triton_launch import COMPILER_OPTIONS, compute_dtype, row_launch
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -27,6 +27,7 @@ def squash_forward(s: Tensor, eps: float) -> Tensor:
             s2, v, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1), eps,
             COMPUTE_DTYPE=compute_dtype(s.dtype), BLOCK_ROWS=launch.block_rows,
             BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+            **COMPILER_OPTIONS,
         )  # fmt: skip
     return v.view(s.shape)
 
@@ -41,6 +42,7 @@ def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
             s2, g2, grad_s, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1),
             g2.stride(0), g2.stride(1), eps, COMPUTE_DTYPE=compute_dtype(s.dtype),
             BLOCK_ROWS=launch.block_rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+            **COMPILER_OPTIONS,
         )  # fmt: skip
     return grad_s.view(s.shape)
 

@@ -29,6 +29,15 @@ def pair_tile_offsets(
 
 
 @triton.jit
+def _tile_of_program(n_in, BLOCK_I: tl.constexpr):
+    """A 1-D grid of (Nin tiles) x (samples or chunks), tiles fastest: this program's sample (or
+    chunk) and its first input capsule, both int64. (A 1-D grid has no 65,535 limit.)"""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(n_in, BLOCK_I)
+    return tl.cast(pid // tiles, tl.int64), tl.cast(pid % tiles, tl.int64) * BLOCK_I
+
+
+@triton.jit
 def tile_offsets(i, j, d, stride_i, stride_j, stride_d):
     """Offsets of a [BLOCK_I, BLOCK_J, BLOCK_D] tile of a tensor with the given strides."""
     return i[:, None, None] * stride_i + j[None, :, None] * stride_j + d[None, None, :] * stride_d
@@ -89,11 +98,9 @@ def predictions_forward_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid (Nin tiles, B): writes a contiguous u_hat [B, Nin, Nout, Dout]."""
-    b = tl.program_id(1).to(tl.int64)
-    i, j, d, mask = pair_tile_offsets(
-        tl.program_id(0).to(tl.int64) * BLOCK_I, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D
-    )
+    """Grid (Nin tiles * B,): writes a contiguous u_hat [B, Nin, Nout, Dout]."""
+    b, i0 = _tile_of_program(n_in, BLOCK_I)
+    i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
     u_hat = prediction_tile(
         u_ptr, w_ptr, b, i, j, d, mask, stride_u_b, stride_u_i, stride_u_k,
         stride_w_i, stride_w_j, stride_w_d, stride_w_k, n_in,
@@ -125,12 +132,10 @@ def predictions_grad_input_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid (Nin tiles, B): ``grad_u[b, i, k] = sum_jd grad[b, i, j, d] weight[i, j, d, k]`` into a
+    """Grid (Nin tiles * B,): ``grad_u[b, i, k] = sum_jd grad[b, i, j, d] weight[i, j, d, k]`` into
     contiguous [B, Nin, Din]."""
-    b = tl.program_id(1).to(tl.int64)
-    i, j, d, mask = pair_tile_offsets(
-        tl.program_id(0).to(tl.int64) * BLOCK_I, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D
-    )
+    b, i0 = _tile_of_program(n_in, BLOCK_I)
+    i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
     g_offsets = b * stride_g_b + tile_offsets(i, j, d, stride_g_i, stride_g_j, stride_g_d)
     grad = tl.load(grad_ptr + g_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     contract_into_grad_input(
@@ -189,12 +194,10 @@ def predictions_grad_weight_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid (Nin tiles, chunks): ``partial[chunk, i, j, d, k] = sum_b grad[b, i, j, d] u[b, i, k]``
+    """Grid (Nin tiles * chunks,): ``partial[chunk, i, j, d, k] = sum_b grad[b,i,j,d] u[b,i,k]``
     over the chunk's samples, into a contiguous [chunks, Nin, Nout, Dout, Din] buffer."""
-    chunk = tl.program_id(1).to(tl.int64)
-    i, j, d, mask = pair_tile_offsets(
-        tl.program_id(0).to(tl.int64) * BLOCK_I, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D
-    )
+    chunk, i0 = _tile_of_program(n_in, BLOCK_I)
+    i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
     g_offsets = tile_offsets(i, j, d, stride_g_i, stride_g_j, stride_g_d)
     first = chunk * samples_per_chunk
     last = tl.minimum(first + samples_per_chunk, batch)

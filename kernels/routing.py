@@ -1,44 +1,227 @@
-"""Dynamic routing (Sabour et al. 2017, Procedure 1): all iterations in one launch, and backward.
+"""Dynamic routing (Sabour et al. 2017, Procedure 1) as Triton kernels tiled for the GPU.
 
 Notation per sample: u_hat [Nin, Nout, Dout]; iteration r has coefficients
 ``c_r = softmax_j(u_hat_ij . V_r,j)``, sums ``s_r = sum_i c_r,ij u_hat_ij (+ bias)`` and outputs
-``v_r = squash(s_r)``, where ``V_r = v_0 + ... + v_(r-1)`` (so ``V_0 = 0`` and ``c_0 = 1/Nout``):
-the logits are never stored. The forward kernel writes v and, per iteration, s_r and V_r
-([R, B, Nout, Dout]: tiny) for backward.
+``v_r = squash(s_r)``, where ``V_r = v_0 + ... + v_(r-1)`` (``V_0 = 0``, so ``c_0 = 1/Nout``):
+the logits are never stored, only s_r and V_r ([R, B, Nout, Dout]).
 
-Backward, walking r = R-1 .. 0, with ``go_r`` the gradient reaching v_r:
-``gs_r = squash'(s_r) go_r``; ``gc_r,ij = u_hat_ij . gs_r,j``;
-``ga_r = c_r (gc_r - sum_j c_r gc_r)`` (softmax over the parents);
-``gV_r = sum_i ga_r,ij u_hat_ij``, which reaches every earlier output: ``go_t += gV_r`` for t < r.
-Then ``g_u_hat_ij = sum_r (c_r,ij gs_r,j + ga_r,ij V_r,j)``. With DETACH_LOGITS only the last
-weighted sum is differentiated: one r, no ga terms.
+Tiling. A program owns a block of BLOCK_B samples and a slice of consecutive input capsules. For
+each capsule of its slice it forms the u_hat tile of all its samples at once, either by loading
+it (a stored u_hat) or, with FROM_WEIGHT, as one matrix product on ``tl.dot``:
+``U_i [BLOCK_B, Din] @ W_i^T [Din, Nout * Dout]`` (Din padded to the dot's minimum K with zeros,
+float32 accumulation; ``PRECISION`` chooses the float32 dot: "ieee" by default). The parents are
+split into two power-of-two groups, A (the largest power of two <= Nout) and B (the rest,
+rounded up; absent when Nout is a power of two), so Nout = 10 runs as 8 + 2 parents with nothing
+padded. The per-parent work (agreement, softmax over the parents, weighted sums) runs on the
+[BLOCK_B, parents, Dout] tiles in registers.
 
-The state kernel needs reductions over all input capsules of a sample, so one program owns a
-sample and walks its u_hat in [BLOCK_I, BLOCK_J, BLOCK_D] tiles, once per iteration. The pairs
-kernel then forms g_u_hat tile by tile, independently per (tile, sample).
+Reductions over the input capsules (s_r in forward, gV_r in backward) are split across slices:
+every program writes its slice's partial sum into ``partial [slices, B, Nout, Dout]`` and a
+combine kernel adds the slices in a fixed order (deterministic, no atomics), then applies bias
+and squash (forward) or the squash backward (backward). So a forward is 2 launches per
+iteration, and the grid is slices x sample blocks whatever the batch size.
 
-With FROM_WEIGHT the u_hat tiles are computed on the fly from u and weight
-(``prediction_tile``), so the same kernels serve the fused layer, where u_hat is never stored.
+Backward, walking r = R-1 .. 1 (``go_r`` is the gradient reaching v_r, ``gs_r = squash'(s_r)
+go_r``): ``gc_r,ij = u_hat_ij . gs_r,j``, ``ga_r = c_r (gc_r - sum_j c_r gc_r)``,
+``gV_r = sum_i ga_r,ij u_hat_ij``, and ``go_t = gV_(t+1) + ... + gV_(R-1)`` for t < R-1
+(``go_(R-1)`` is grad v). The pairs kernel then forms
+``g_u_hat_ij = sum_r c_r,ij gs_r,j + ga_r,ij V_r,j`` per tile and stores it (stored u_hat) or
+contracts it at once, again on ``tl.dot``, into ``grad u_i = g_u_hat_i @ W_i`` and
+``grad W_i += g_u_hat_i^T @ U_i`` (FROM_WEIGHT). With LAST_ONLY (detach_logits, or a single
+iteration) only the last weighted sum is differentiated.
+
+All offsets are int64; all arithmetic is in COMPUTE_DTYPE (float32, or float64 for float64).
 """
 
 import triton
 import triton.language as tl
 
-from fastcaps.kernels.predictions import pair_tile_offsets, prediction_tile, tile_offsets
-from fastcaps.kernels.squash import squash_rows, squash_rows_backward
+from fastcaps.kernels.squash import div_rn, squash_rows, squash_rows_backward
 
 
 @triton.jit
-def _u_hat_tile(
+def _sample_block(sample_block, batch, BLOCK_B: tl.constexpr):
+    """Sample indices [BLOCK_B] (int64) of a block and their mask."""
+    b = tl.cast(sample_block, tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    return b, b < batch
+
+
+@triton.jit
+def _program_block(pid, batch, n_in, capsules_per_slice, parent_chunks, BLOCK_B: tl.constexpr,
+                   JA: tl.constexpr):  # fmt: skip
+    """The work of a partial-sum program, grid (slices * sample blocks * parent chunks,) with
+    parent chunks fastest: its slice, samples [BLOCK_B] (int64) and their mask, its capsules
+    [first, last) and its first parent (0 unless the parents are chunked, JA per chunk)."""
+    chunk = pid % parent_chunks
+    rest = pid // parent_chunks
+    sample_blocks = tl.cdiv(batch, BLOCK_B)
+    slice_id = rest // sample_blocks
+    b, b_mask = _sample_block(rest % sample_blocks, batch, BLOCK_B)
+    first = slice_id * capsules_per_slice
+    return slice_id, b, b_mask, first, tl.minimum(first + capsules_per_slice, n_in), chunk * JA
+
+
+@triton.jit
+def _chunk_coefficients(tile, X, parents, stats_ptr, stats_at, b_mask, BLOCK_B: tl.constexpr,
+                        JG: tl.constexpr, DP: tl.constexpr):  # fmt: skip
+    """Coefficients of one chunk of parents from the log-sum-exp of all logits of each sample,
+    ``lse[b]`` at ``stats_ptr + stats_at`` ([BLOCK_B] offsets): ``c = exp(u_hat . X - lse)``."""
+    lse = tl.load(stats_ptr + stats_at, mask=b_mask, other=0.0)
+    return tl.exp(_agreement(tile, X, parents, BLOCK_B, JG, DP) - lse[:, None])
+
+
+@triton.jit
+def _group(
+    b,
+    b_mask,
+    j0,
+    n_out,
+    d_out,
+    stride_uh_b,
+    stride_uh_j,
+    stride_uh_d,
+    stride_w_j,
+    stride_w_d,
+    stride_w_k,
+    DIN: tl.constexpr,
+    KP: tl.constexpr,
+    JG: tl.constexpr,
+    DP: tl.constexpr,
+):
+    """Offsets of the parent group j0 .. j0+JG-1 as [BLOCK_B, JG * DP] tiles (column n is parent
+    j0 + n // DP, dim n % DP): in a contiguous [B, Nout, Dout] state tensor, with its mask; the
+    [JG] mask of the valid parents; in u_hat without the capsule term; and in the weight as the
+    tile W_i^T [KP, JG * DP] without the capsule term, with its mask."""
+    n = tl.arange(0, JG * DP)
+    j = j0 + (n // DP).to(tl.int64)
+    d = (n % DP).to(tl.int64)
+    columns = (j < n_out) & (d < d_out)
+    state = b[:, None] * (n_out * d_out) + (j * d_out + d)[None, :]
+    state_mask = b_mask[:, None] & columns[None, :]
+    parents = (j0 + tl.arange(0, JG)) < n_out
+    uh_offsets = b[:, None] * stride_uh_b + (j * stride_uh_j + d * stride_uh_d)[None, :]
+    k = tl.arange(0, KP).to(tl.int64)
+    w_offsets = k[:, None] * stride_w_k + (j * stride_w_j + d * stride_w_d)[None, :]
+    w_mask = (k < DIN)[:, None] & columns[None, :]
+    return state, state_mask, parents, uh_offsets, w_offsets, w_mask
+
+
+@triton.jit
+def _u_hat_group(
+    U,
+    capsule_u_hat_ptr,
+    uh_offsets,
+    state_mask,
+    capsule_w_ptr,
+    w_offsets,
+    w_mask,
+    FROM_WEIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """The u_hat tile [BLOCK_B, JG * DP] of one capsule and parent group, and (FROM_WEIGHT) the
+    weight tile W_i^T [KP, JG * DP] it was computed from. The dot's operands are cast to
+    DOT_DTYPE (a no-op unless a kernel computes half inputs in float32 to save registers)."""
+    if FROM_WEIGHT:
+        W = tl.load(capsule_w_ptr + w_offsets, mask=w_mask, other=0.0)
+        tile = tl.dot(U.to(DOT_DTYPE), W.to(DOT_DTYPE), input_precision=PRECISION,
+                      out_dtype=COMPUTE_DTYPE)  # fmt: skip
+    else:
+        W = U  # unused
+        tile = tl.load(capsule_u_hat_ptr + uh_offsets, mask=state_mask, other=0.0)
+        tile = tile.to(COMPUTE_DTYPE)
+    return tile, W
+
+
+@triton.jit
+def _parent_sum(x, parents, BLOCK_B: tl.constexpr, JG: tl.constexpr, DP: tl.constexpr):
+    """[BLOCK_B, JG]: the sum over each parent's DP columns of x [BLOCK_B, JG * DP]."""
+    return tl.sum(tl.reshape(x, (BLOCK_B, JG, DP)), axis=2)
+
+
+@triton.jit
+def _spread(c, BLOCK_B: tl.constexpr, JG: tl.constexpr, DP: tl.constexpr):
+    """[BLOCK_B, JG * DP]: every parent's value of c [BLOCK_B, JG] repeated over its columns."""
+    return tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_B, JG, DP)), (BLOCK_B, JG * DP))
+
+
+@triton.jit
+def _agreement(tile, X, parents, BLOCK_B: tl.constexpr, JG: tl.constexpr, DP: tl.constexpr):
+    """[BLOCK_B, JG]: u_hat_ij . X_j, with -inf for the padded parents."""
+    logits = _parent_sum(tile * X, parents, BLOCK_B, JG, DP)
+    return tl.where(parents[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def _softmax_parents(logits_a, logits_b, HAS_B: tl.constexpr):
+    """Coefficients of both parent groups: one softmax over all valid parents of each sample."""
+    m = tl.max(logits_a, axis=1)
+    if HAS_B:
+        m = tl.maximum(m, tl.max(logits_b, axis=1))
+    e_a = tl.exp(logits_a - m[:, None])
+    total = tl.sum(e_a, axis=1)
+    e_b = e_a
+    if HAS_B:
+        e_b = tl.exp(logits_b - m[:, None])
+        total += tl.sum(e_b, axis=1)
+    inv = div_rn(tl.full(total.shape, 1.0, total.dtype), total)
+    return e_a * inv[:, None], e_b * inv[:, None]
+
+
+@triton.jit
+def _softmax_parents_backward(c_a, c_b, grad_c_a, grad_c_b, HAS_B: tl.constexpr):
+    """Gradient of the logits of both groups, given the coefficients and their gradients."""
+    inner = tl.sum(c_a * grad_c_a, axis=1)
+    if HAS_B:
+        inner += tl.sum(c_b * grad_c_b, axis=1)
+    return c_a * (grad_c_a - inner[:, None]), c_b * (grad_c_b - inner[:, None])
+
+
+@triton.jit
+def _coefficient_offsets(b, b_mask, slot, batch, n_in, n_out, j0, JA: tl.constexpr,
+                         JBG: tl.constexpr):  # fmt: skip
+    """Offsets into a contiguous [R-1, B, Nin, Nout] coefficient buffer: the [BLOCK_B, 1] part of
+    the slot and samples (add ``capsule * Nout`` and a parent index), the parent indices of both
+    groups (group A from j0) and the [BLOCK_B, JG] masks of the valid ones."""
+    rows = (tl.cast(slot, tl.int64) * batch + b) * n_in * n_out
+    parent_a = j0 + tl.arange(0, JA)
+    parent_b = JA + tl.arange(0, JBG)
+    mask_a = b_mask[:, None] & (parent_a < n_out)[None, :]
+    mask_b = b_mask[:, None] & (parent_b < n_out)[None, :]
+    return rows[:, None], parent_a, mask_a, parent_b, mask_b
+
+
+@triton.jit
+def _squash_backward_tile(s, grad_v, eps, BLOCK_B: tl.constexpr, JG: tl.constexpr,
+                          DP: tl.constexpr):  # fmt: skip
+    """squash backward on every parent's DP columns of [BLOCK_B, JG * DP] tiles."""
+    rows = squash_rows_backward(
+        tl.reshape(s, (BLOCK_B * JG, DP)), tl.reshape(grad_v, (BLOCK_B * JG, DP)), eps
+    )
+    return tl.reshape(rows, (BLOCK_B, JG * DP))
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def routing_forward_partial_kernel(
     u_hat_ptr,
     u_ptr,
     w_ptr,
-    b,
-    i,
-    j,
-    d,
-    mask,
+    V_all_ptr,
+    stats_ptr,
+    partial_ptr,
+    batch,
     n_in,
+    n_out,
+    d_out,
+    capsules_per_slice,
+    parent_chunks,
+    r,
     stride_uh_b,
     stride_uh_i,
     stride_uh_j,
@@ -50,61 +233,339 @@ def _u_hat_tile(
     stride_w_j,
     stride_w_d,
     stride_w_k,
+    UNIFORM: tl.constexpr,
+    CHUNKED: tl.constexpr,
     FROM_WEIGHT: tl.constexpr,
     DIN: tl.constexpr,
+    KP: tl.constexpr,
+    JA: tl.constexpr,
+    JB: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
 ):
-    if FROM_WEIGHT:
-        tile = prediction_tile(
-            u_ptr, w_ptr, b, i, j, d, mask, stride_u_b, stride_u_i, stride_u_k,
-            stride_w_i, stride_w_j, stride_w_d, stride_w_k, n_in,
-            DIN, COMPUTE_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D,
+    """Grid (slices * sample blocks * parent chunks,): ``partial[slice, b] = sum over the slice of
+    c_r u_hat`` into a contiguous [slices, B, Nout, Dout] (COMPUTE_DTYPE). UNIFORM (r = 0): the
+    plain sum of u_hat (c = 1/Nout is applied by the combine kernel), V unread. CHUNKED: a
+    program owns JA parents from ``chunk * JA`` and reads each sample's log-sum-exp of the logits
+    from stats ([B, Nin], ``routing_softmax_stats_kernel``); else it owns all parents."""
+    HAS_B: tl.constexpr = JB > 0
+    JBG: tl.constexpr = JB if HAS_B else JA
+    slice_id, b, b_mask, first, last, j0 = _program_block(
+        tl.program_id(0), batch, n_in, capsules_per_slice, parent_chunks, BLOCK_B, JA
+    )
+    state_a, mask_a, parents_a, uh_a, w_a, w_mask_a = _group(
+        b, b_mask, j0, n_out, d_out, stride_uh_b, stride_uh_j, stride_uh_d,
+        stride_w_j, stride_w_d, stride_w_k, DIN, KP, JA, DP,
+    )  # fmt: skip
+    state_b, mask_b, parents_b = state_a, mask_a, parents_a
+    uh_b, w_b, w_mask_b = uh_a, w_a, w_mask_a
+    if HAS_B:
+        state_b, mask_b, parents_b, uh_b, w_b, w_mask_b = _group(
+            b, b_mask, JA, n_out, d_out, stride_uh_b, stride_uh_j, stride_uh_d,
+            stride_w_j, stride_w_d, stride_w_k, DIN, KP, JB, DP,
         )  # fmt: skip
+    k = tl.arange(0, KP).to(tl.int64)
+    u_offsets = b[:, None] * stride_u_b + k[None, :] * stride_u_k
+    u_mask = b_mask[:, None] & (k < DIN)[None, :]
+    V_offset = tl.cast(r, tl.int64) * batch * n_out * d_out
+    if UNIFORM:
+        V_a = tl.zeros((BLOCK_B, JA * DP), dtype=COMPUTE_DTYPE)
+        V_b = V_a
     else:
-        offsets = b * stride_uh_b + tile_offsets(i, j, d, stride_uh_i, stride_uh_j, stride_uh_d)
-        tile = tl.load(u_hat_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    return tile
+        V_a = tl.load(V_all_ptr + V_offset + state_a, mask=mask_a, other=0.0)
+        V_b = V_a
+        if HAS_B:
+            V_b = tl.load(V_all_ptr + V_offset + state_b, mask=mask_b, other=0.0)
+    sum_a = tl.zeros((BLOCK_B, JA * DP), dtype=COMPUTE_DTYPE)
+    sum_b = tl.zeros((BLOCK_B, JBG * DP), dtype=COMPUTE_DTYPE)
+    for capsule in range(first, last):
+        capsule = tl.cast(capsule, tl.int64)
+        U = u_offsets  # unused without FROM_WEIGHT
+        if FROM_WEIGHT:
+            U = tl.load(u_ptr + capsule * stride_u_i + u_offsets, mask=u_mask, other=0.0)
+        capsule_u_hat = u_hat_ptr + capsule * stride_uh_i
+        capsule_w = w_ptr + capsule * stride_w_i
+        tile_a, _ = _u_hat_group(U, capsule_u_hat, uh_a, mask_a, capsule_w, w_a, w_mask_a,
+                                 FROM_WEIGHT, PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
+        tile_b = tile_a
+        if HAS_B:
+            tile_b, _ = _u_hat_group(U, capsule_u_hat, uh_b, mask_b, capsule_w, w_b, w_mask_b,
+                                     FROM_WEIGHT, PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
+        if UNIFORM:
+            sum_a += tile_a
+            if HAS_B:
+                sum_b += tile_b
+        elif CHUNKED:
+            c_a = _chunk_coefficients(tile_a, V_a, parents_a, stats_ptr, b * n_in + capsule,
+                                      b_mask, BLOCK_B, JA, DP)  # fmt: skip
+            sum_a += _spread(c_a, BLOCK_B, JA, DP) * tile_a
+        else:
+            c_a, c_b = _softmax_parents(
+                _agreement(tile_a, V_a, parents_a, BLOCK_B, JA, DP),
+                _agreement(tile_b, V_b, parents_b, BLOCK_B, JBG, DP),
+                HAS_B,
+            )
+            sum_a += _spread(c_a, BLOCK_B, JA, DP) * tile_a
+            if HAS_B:
+                sum_b += _spread(c_b, BLOCK_B, JB, DP) * tile_b
+    out = partial_ptr + tl.cast(slice_id, tl.int64) * batch * n_out * d_out
+    tl.store(out + state_a, sum_a, mask=mask_a)
+    if HAS_B:
+        tl.store(out + state_b, sum_b, mask=mask_b)
 
 
 @triton.jit
-def _coefficients(tile, V, j, n_out):
-    """c [BLOCK_I, BLOCK_J]: softmax over the valid parents of ``tile . V``."""
-    logits = tl.sum(tile * V[None, :, :], axis=2)
-    logits = tl.where((j < n_out)[None, :], logits, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
-
-
-@triton.jit
-def _logit_gradient(tile, c, grad_s):
-    """ga [BLOCK_I, BLOCK_J]: the softmax backward of ``gc = tile . grad_s``."""
-    grad_c = tl.sum(tile * grad_s[None, :, :], axis=2)
-    return c * (grad_c - tl.sum(c * grad_c, axis=1)[:, None])
-
-
-@triton.jit
-def _state_offsets(j, d, d_out):
-    """Offsets of a [BLOCK_J, BLOCK_D] capsule block in a contiguous [..., Nout, Dout] tensor."""
-    return j[:, None] * d_out + d[None, :]
-
-
-@triton.jit
-def routing_forward_kernel(
+def routing_softmax_stats_kernel(
     u_hat_ptr,
     u_ptr,
     w_ptr,
-    bias_ptr,
-    v_ptr,
-    s_all_ptr,
     V_all_ptr,
+    grad_s_all_ptr,
+    lse_ptr,
+    inner_ptr,
     batch,
     n_in,
     n_out,
     d_out,
+    capsules_per_slice,
+    parent_chunks,
+    r,
+    slot,
+    stride_uh_b,
+    stride_uh_i,
+    stride_uh_j,
+    stride_uh_d,
+    stride_u_b,
+    stride_u_i,
+    stride_u_k,
+    stride_w_i,
+    stride_w_j,
+    stride_w_d,
+    stride_w_k,
+    WITH_GRAD: tl.constexpr,
+    FROM_WEIGHT: tl.constexpr,
+    DIN: tl.constexpr,
+    KP: tl.constexpr,
+    JA: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Grid (slices * sample blocks,), when the parents are too many for one tile and are walked
+    in chunks of JA: for every sample b and capsule i of the program,
+    ``lse = log sum_j exp(u_hat_ij . V_r,j)`` into lse[slot, b, i] and, with WITH_GRAD,
+    ``sum_j c_r,ij (u_hat_ij . gs_r,j)`` (the softmax backward's inner product) into
+    inner[slot, b, i] (both contiguous [slots, B, Nin], COMPUTE_DTYPE). One pass over the chunks:
+    the running sums are rescaled whenever the running maximum grows."""
+    _slice_id, b, b_mask, first, last, j0 = _program_block(
+        tl.program_id(0), batch, n_in, capsules_per_slice, 1, BLOCK_B, JA
+    )
+    k = tl.arange(0, KP).to(tl.int64)
+    u_offsets = b[:, None] * stride_u_b + k[None, :] * stride_u_k
+    u_mask = b_mask[:, None] & (k < DIN)[None, :]
+    state_offset = tl.cast(r, tl.int64) * batch * n_out * d_out
+    out_rows = (tl.cast(slot, tl.int64) * batch + b) * n_in
+    for capsule in range(first, last):
+        capsule = tl.cast(capsule, tl.int64)
+        U = u_offsets  # unused without FROM_WEIGHT
+        if FROM_WEIGHT:
+            U = tl.load(u_ptr + capsule * stride_u_i + u_offsets, mask=u_mask, other=0.0)
+        capsule_u_hat = u_hat_ptr + capsule * stride_uh_i
+        capsule_w = w_ptr + capsule * stride_w_i
+        running_max = tl.full((BLOCK_B,), float("-inf"), dtype=COMPUTE_DTYPE)
+        total = tl.zeros((BLOCK_B,), dtype=COMPUTE_DTYPE)
+        inner = tl.zeros((BLOCK_B,), dtype=COMPUTE_DTYPE)
+        for chunk in range(parent_chunks):
+            state, mask, parents, uh, w, w_mask = _group(
+                b, b_mask, j0 + chunk * JA, n_out, d_out, stride_uh_b, stride_uh_j, stride_uh_d,
+                stride_w_j, stride_w_d, stride_w_k, DIN, KP, JA, DP,
+            )  # fmt: skip
+            tile, _weight = _u_hat_group(U, capsule_u_hat, uh, mask, capsule_w, w, w_mask,
+                                         FROM_WEIGHT, PRECISION, DOT_DTYPE,
+                                         COMPUTE_DTYPE)  # fmt: skip
+            V = tl.load(V_all_ptr + state_offset + state, mask=mask, other=0.0)
+            logits = _agreement(tile, V, parents, BLOCK_B, JA, DP)
+            new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+            rescale = tl.exp(running_max - new_max)
+            e = tl.exp(logits - new_max[:, None])
+            total = total * rescale + tl.sum(e, axis=1)
+            if WITH_GRAD:
+                gs = tl.load(grad_s_all_ptr + state_offset + state, mask=mask, other=0.0)
+                grad_c = _parent_sum(tile * gs, parents, BLOCK_B, JA, DP)
+                inner = inner * rescale + tl.sum(e * grad_c, axis=1)
+            running_max = new_max
+        tl.store(lse_ptr + out_rows + capsule, running_max + tl.log(total), mask=b_mask)
+        if WITH_GRAD:
+            tl.store(inner_ptr + out_rows + capsule, div_rn(inner, total), mask=b_mask)
+
+
+@triton.jit
+def _capsule_rows(pid, batch, n_out, d_out, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of output capsules (rows b * Nout + j) of a [B, Nout, Dout] tensor: offsets
+    [BLOCK_ROWS, BLOCK_D] (int64), their mask, and each row's parent index."""
+    rows = tl.cast(pid, tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = (rows < batch * n_out)[:, None] & (d < d_out)[None, :]
+    return rows[:, None] * d_out + d[None, :], mask, rows % n_out
+
+
+@triton.jit
+def _sum_slices(partial_ptr, offsets, mask, slices, size, COMPUTE_DTYPE: tl.constexpr):
+    """The sum over the slices of a [slices, ...] buffer, in slice order."""
+    total = tl.load(partial_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    for slice_id in range(1, slices):
+        at = tl.cast(slice_id, tl.int64) * size + offsets
+        part = tl.load(partial_ptr + at, mask=mask, other=0.0)
+        total += part.to(COMPUTE_DTYPE)
+    return total
+
+
+@triton.jit
+def routing_forward_combine_kernel(
+    partial_ptr,
+    bias_ptr,
+    s_all_ptr,
+    V_all_ptr,
+    v_ptr,
+    batch,
+    n_out,
+    d_out,
+    slices,
+    r,
     iterations,
+    eps,
+    stride_bias_j,
+    stride_bias_d,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (capsule blocks,): ``s_r = sum of the slices (+ bias)``, ``v_r = squash(s_r)``. Writes
+    s_all[r], V_all[r + 1] = V_r + v_r (V_all[0] = 0 when r = 0), and v (output dtype) after the
+    last iteration. s_all, V_all: contiguous [R, B, Nout, Dout] in COMPUTE_DTYPE."""
+    pid = tl.program_id(0)
+    offsets, mask, parent = _capsule_rows(pid, batch, n_out, d_out, BLOCK_ROWS, BLOCK_D)
+    size = tl.cast(batch, tl.int64) * n_out * d_out
+    s = _sum_slices(partial_ptr, offsets, mask, slices, size, COMPUTE_DTYPE)
+    if r == 0:  # constant logits: c = 1 / Nout
+        s = s / n_out
+    if HAS_BIAS:
+        d = tl.arange(0, BLOCK_D).to(tl.int64)
+        bias_offsets = parent[:, None] * stride_bias_j + d[None, :] * stride_bias_d
+        s += tl.load(bias_ptr + bias_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    here = tl.cast(r, tl.int64) * size + offsets
+    tl.store(s_all_ptr + here, s, mask=mask)
+    v = tl.where(mask, squash_rows(s, eps), 0.0)
+    if r == 0:
+        V = tl.zeros_like(s)
+        tl.store(V_all_ptr + here, V, mask=mask)
+    else:
+        V = tl.load(V_all_ptr + here, mask=mask, other=0.0)
+    if r + 1 < iterations:
+        tl.store(V_all_ptr + here + size, V + v, mask=mask)
+    else:
+        tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def routing_output_grad_kernel(
+    s_all_ptr,
+    grad_v_ptr,
+    grad_s_all_ptr,
+    batch,
+    n_out,
+    d_out,
+    iterations,
+    eps,
+    stride_gv_b,
+    stride_gv_j,
+    stride_gv_d,
+    DETACHED: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (capsule blocks,): ``grad_s_all[R-1] = squash'(s_(R-1)) grad v`` (when the parents are
+    chunked, before the backward's other kernels); DETACHED also zeroes the other iterations."""
+    rows = tl.cast(tl.program_id(0), tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = (rows < batch * n_out)[:, None] & (d < d_out)[None, :]
+    offsets = rows[:, None] * d_out + d[None, :]
+    gv_offsets = (rows // n_out * stride_gv_b + rows % n_out * stride_gv_j)[:, None]
+    grad_v = tl.load(grad_v_ptr + gv_offsets + d[None, :] * stride_gv_d, mask=mask, other=0.0)
+    size = tl.cast(batch, tl.int64) * n_out * d_out
+    last = tl.cast(iterations - 1, tl.int64) * size + offsets
+    s = tl.load(s_all_ptr + last, mask=mask, other=0.0)
+    grad_s = tl.where(mask, squash_rows_backward(s, grad_v.to(COMPUTE_DTYPE), eps), 0.0)
+    tl.store(grad_s_all_ptr + last, grad_s, mask=mask)
+    if DETACHED:
+        for r in range(iterations - 1):
+            tl.store(grad_s_all_ptr + tl.cast(r, tl.int64) * size + offsets, tl.zeros_like(s),
+                     mask=mask)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _output_grad_tile(
+    s_all_ptr,
+    grad_v_ptr,
+    b,
+    j0,
+    n_out,
+    d_out,
+    state,
+    mask,
+    s_offset,
+    eps,
+    stride_gv_b,
+    stride_gv_j,
+    stride_gv_d,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    JG: tl.constexpr,
+    DP: tl.constexpr,
+):
+    """gs_(R-1) = squash'(s_(R-1)) grad v for a parent group's [BLOCK_B, JG * DP] tile."""
+    n = tl.arange(0, JG * DP)
+    j = j0 + (n // DP).to(tl.int64)
+    d = (n % DP).to(tl.int64)
+    gv_offsets = b[:, None] * stride_gv_b + (j * stride_gv_j + d * stride_gv_d)[None, :]
+    grad_v = tl.load(grad_v_ptr + gv_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    s = tl.load(s_all_ptr + s_offset + state, mask=mask, other=0.0)
+    return tl.where(mask, _squash_backward_tile(s, grad_v, eps, BLOCK_B, JG, DP), 0.0)
+
+
+@triton.jit
+def routing_backward_partial_kernel(
+    u_hat_ptr,
+    u_ptr,
+    w_ptr,
+    s_all_ptr,
+    V_all_ptr,
+    grad_v_ptr,
+    grad_s_all_ptr,
+    partial_ptr,
+    coef_ptr,
+    coef_grad_ptr,
+    lse_ptr,
+    inner_ptr,
+    batch,
+    n_in,
+    n_out,
+    d_out,
+    capsules_per_slice,
+    parent_chunks,
+    r,
     eps,
     stride_uh_b,
     stride_uh_i,
@@ -117,51 +578,211 @@ def routing_forward_kernel(
     stride_w_j,
     stride_w_d,
     stride_w_k,
-    stride_bias_j,
-    stride_bias_d,
-    HAS_BIAS: tl.constexpr,
+    stride_gv_b,
+    stride_gv_j,
+    stride_gv_d,
+    GRAD_FROM_OUTPUT: tl.constexpr,
+    STORE_COEFFICIENTS: tl.constexpr,
+    CHUNKED: tl.constexpr,
     FROM_WEIGHT: tl.constexpr,
     DIN: tl.constexpr,
+    KP: tl.constexpr,
+    JA: tl.constexpr,
+    JB: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
 ):
-    """Grid (B,): all iterations for one sample. Writes v [B, Nout, Dout] (input dtype) and
-    s_all, V_all [R, B, Nout, Dout] (COMPUTE_DTYPE), all contiguous."""
-    b = tl.program_id(0).to(tl.int64)
-    _, j, d, _ = pair_tile_offsets(0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
-    capsule_mask = (j < n_out)[:, None] & (d < d_out)[None, :]
-    state = _state_offsets(j, d, d_out)
-    bias = tl.zeros((BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)
-    if HAS_BIAS:
-        bias_offsets = j[:, None] * stride_bias_j + d[None, :] * stride_bias_d
-        bias = tl.load(bias_ptr + bias_offsets, mask=capsule_mask, other=0.0).to(COMPUTE_DTYPE)
-    V = tl.zeros((BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)
-    v = tl.zeros((BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)
-    sample_state = b * n_out * d_out + state
-    for r in range(iterations):
-        s = bias
-        for i0 in range(0, n_in, BLOCK_I):
-            i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
-            tile = _u_hat_tile(
-                u_hat_ptr, u_ptr, w_ptr, b, i, j, d, mask, n_in,
-                stride_uh_b, stride_uh_i, stride_uh_j, stride_uh_d, stride_u_b, stride_u_i,
-                stride_u_k, stride_w_i, stride_w_j, stride_w_d, stride_w_k,
-                FROM_WEIGHT, DIN, COMPUTE_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D,
+    """Grid (slices * sample blocks * parent chunks,), iteration r >= 1: ``partial[slice, b] = sum
+    over the slice of ga_r u_hat`` (the slice's part of gV_r), and (STORE_COEFFICIENTS) c_r and
+    ga_r into slot r-1 of coef and coef_grad (contiguous [R-1, B, Nin, Nout], COMPUTE_DTYPE) for
+    the pairs kernel. gs_r is read from grad_s_all[r], or with GRAD_FROM_OUTPUT (r = R-1)
+    computed from s_all[r] and grad v and stored by slice 0. CHUNKED: a program owns JA parents
+    and reads slot r-1 of lse and inner ([R-1, B, Nin], ``routing_softmax_stats_kernel``)."""
+    HAS_B: tl.constexpr = JB > 0
+    JBG: tl.constexpr = JB if HAS_B else JA
+    slice_id, b, b_mask, first, last, j0 = _program_block(
+        tl.program_id(0), batch, n_in, capsules_per_slice, parent_chunks, BLOCK_B, JA
+    )
+    state_a, mask_a, parents_a, uh_a, w_a, w_mask_a = _group(
+        b, b_mask, j0, n_out, d_out, stride_uh_b, stride_uh_j, stride_uh_d,
+        stride_w_j, stride_w_d, stride_w_k, DIN, KP, JA, DP,
+    )  # fmt: skip
+    state_b, mask_b, parents_b = state_a, mask_a, parents_a
+    uh_b, w_b, w_mask_b = uh_a, w_a, w_mask_a
+    if HAS_B:
+        state_b, mask_b, parents_b, uh_b, w_b, w_mask_b = _group(
+            b, b_mask, JA, n_out, d_out, stride_uh_b, stride_uh_j, stride_uh_d,
+            stride_w_j, stride_w_d, stride_w_k, DIN, KP, JB, DP,
+        )  # fmt: skip
+    k = tl.arange(0, KP).to(tl.int64)
+    u_offsets = b[:, None] * stride_u_b + k[None, :] * stride_u_k
+    u_mask = b_mask[:, None] & (k < DIN)[None, :]
+    offset = tl.cast(r, tl.int64) * batch * n_out * d_out
+    coef_offsets, parent_a, coef_mask_a, parent_b, coef_mask_b = _coefficient_offsets(
+        b, b_mask, r - 1, batch, n_in, n_out, j0, JA, JBG
+    )
+    V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+    V_b = V_a
+    if HAS_B:
+        V_b = tl.load(V_all_ptr + offset + state_b, mask=mask_b, other=0.0)
+    stats_at = (tl.cast(r - 1, tl.int64) * batch + b) * n_in
+    if GRAD_FROM_OUTPUT:
+        gs_a = _output_grad_tile(s_all_ptr, grad_v_ptr, b, j0, n_out, d_out, state_a, mask_a,
+                                 offset, eps, stride_gv_b, stride_gv_j, stride_gv_d,
+                                 COMPUTE_DTYPE, BLOCK_B, JA, DP)  # fmt: skip
+        gs_b = gs_a
+        if HAS_B:
+            gs_b = _output_grad_tile(s_all_ptr, grad_v_ptr, b, JA, n_out, d_out, state_b, mask_b,
+                                     offset, eps, stride_gv_b, stride_gv_j, stride_gv_d,
+                                     COMPUTE_DTYPE, BLOCK_B, JB, DP)  # fmt: skip
+        if slice_id == 0:
+            tl.store(grad_s_all_ptr + offset + state_a, gs_a, mask=mask_a)
+            if HAS_B:
+                tl.store(grad_s_all_ptr + offset + state_b, gs_b, mask=mask_b)
+    else:
+        gs_a = tl.load(grad_s_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+        gs_b = gs_a
+        if HAS_B:
+            gs_b = tl.load(grad_s_all_ptr + offset + state_b, mask=mask_b, other=0.0)
+    sum_a = tl.zeros((BLOCK_B, JA * DP), dtype=COMPUTE_DTYPE)
+    sum_b = tl.zeros((BLOCK_B, JBG * DP), dtype=COMPUTE_DTYPE)
+    for capsule in range(first, last):
+        capsule = tl.cast(capsule, tl.int64)
+        U = u_offsets  # unused without FROM_WEIGHT
+        if FROM_WEIGHT:
+            U = tl.load(u_ptr + capsule * stride_u_i + u_offsets, mask=u_mask, other=0.0)
+        capsule_u_hat = u_hat_ptr + capsule * stride_uh_i
+        capsule_w = w_ptr + capsule * stride_w_i
+        tile_a, _ = _u_hat_group(U, capsule_u_hat, uh_a, mask_a, capsule_w, w_a, w_mask_a,
+                                 FROM_WEIGHT, PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
+        tile_b = tile_a
+        if HAS_B:
+            tile_b, _ = _u_hat_group(U, capsule_u_hat, uh_b, mask_b, capsule_w, w_b, w_mask_b,
+                                     FROM_WEIGHT, PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
+        if CHUNKED:
+            c_a = _chunk_coefficients(tile_a, V_a, parents_a, lse_ptr, stats_at + capsule, b_mask,
+                                      BLOCK_B, JA, DP)  # fmt: skip
+            inner = tl.load(inner_ptr + stats_at + capsule, mask=b_mask, other=0.0)
+            grad_c_a = _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP)
+            ga_a = c_a * (grad_c_a - inner[:, None])
+            c_b, ga_b = c_a, ga_a
+        else:
+            c_a, c_b = _softmax_parents(
+                _agreement(tile_a, V_a, parents_a, BLOCK_B, JA, DP),
+                _agreement(tile_b, V_b, parents_b, BLOCK_B, JBG, DP),
+                HAS_B,
+            )
+            ga_a, ga_b = _softmax_parents_backward(
+                c_a, c_b,
+                _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP),
+                _parent_sum(tile_b * gs_b, parents_b, BLOCK_B, JBG, DP),
+                HAS_B,
             )  # fmt: skip
-            c = _coefficients(tile, V, j, n_out)
-            s += tl.sum(c[:, :, None] * tile, axis=0)
-        offset = r * batch * n_out * d_out + sample_state
-        tl.store(s_all_ptr + offset, s, mask=capsule_mask)
-        tl.store(V_all_ptr + offset, V, mask=capsule_mask)
-        v = squash_rows(s, eps)
-        V += v
-    tl.store(v_ptr + sample_state, v.to(v_ptr.dtype.element_ty), mask=capsule_mask)
+        sum_a += _spread(ga_a, BLOCK_B, JA, DP) * tile_a
+        if HAS_B:
+            sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
+        if STORE_COEFFICIENTS:
+            coef_at = coef_offsets + capsule * n_out
+            tl.store(coef_ptr + coef_at + parent_a[None, :], c_a, mask=coef_mask_a)
+            tl.store(coef_grad_ptr + coef_at + parent_a[None, :], ga_a, mask=coef_mask_a)
+            if HAS_B:
+                tl.store(coef_ptr + coef_at + parent_b[None, :], c_b, mask=coef_mask_b)
+                tl.store(coef_grad_ptr + coef_at + parent_b[None, :], ga_b, mask=coef_mask_b)
+    out = partial_ptr + tl.cast(slice_id, tl.int64) * batch * n_out * d_out
+    tl.store(out + state_a, sum_a, mask=mask_a)
+    if HAS_B:
+        tl.store(out + state_b, sum_b, mask=mask_b)
 
 
 @triton.jit
-def routing_backward_state_kernel(
+def routing_backward_combine_kernel(
+    partial_ptr,
+    s_all_ptr,
+    grad_later_ptr,
+    grad_s_all_ptr,
+    batch,
+    n_out,
+    d_out,
+    slices,
+    r,
+    eps,
+    FIRST: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (capsule blocks,), iteration r >= 1: gV_r = sum of the slices; the gradient reaching
+    v_(r-1) is ``go = gV_r + ... + gV_(R-1)`` (kept in grad_later [B, Nout, Dout]; FIRST: r = R-1,
+    nothing kept yet); writes grad_s_all[r-1] = squash'(s_(r-1)) go."""
+    offsets, mask, _ = _capsule_rows(tl.program_id(0), batch, n_out, d_out, BLOCK_ROWS, BLOCK_D)
+    size = tl.cast(batch, tl.int64) * n_out * d_out
+    grad_out = _sum_slices(partial_ptr, offsets, mask, slices, size, COMPUTE_DTYPE)
+    if not FIRST:
+        grad_out += tl.load(grad_later_ptr + offsets, mask=mask, other=0.0)
+    if r > 1:
+        tl.store(grad_later_ptr + offsets, grad_out, mask=mask)
+    earlier = tl.cast(r - 1, tl.int64) * size + offsets
+    s = tl.load(s_all_ptr + earlier, mask=mask, other=0.0)
+    grad_s = tl.where(mask, squash_rows_backward(s, grad_out, eps), 0.0)
+    tl.store(grad_s_all_ptr + earlier, grad_s, mask=mask)
+
+
+@triton.jit
+def _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a, parents_b, g_a, g_b,
+                WITH_LOGITS: tl.constexpr, HAS_B: tl.constexpr, BLOCK_B: tl.constexpr,
+                JA: tl.constexpr, JBG: tl.constexpr, DP: tl.constexpr):  # fmt: skip
+    """Adds one iteration's ``c_r gs_r`` (and with WITH_LOGITS ``ga_r V_r``) to g_u_hat of both
+    parent groups, recomputing c_r and ga_r from the u_hat tiles."""
+    c_a, c_b = _softmax_parents(
+        _agreement(tile_a, V_a, parents_a, BLOCK_B, JA, DP),
+        _agreement(tile_b, V_b, parents_b, BLOCK_B, JBG, DP),
+        HAS_B,
+    )
+    g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
+    if HAS_B:
+        g_b += _spread(c_b, BLOCK_B, JBG, DP) * gs_b
+    if WITH_LOGITS:
+        ga_a, ga_b = _softmax_parents_backward(
+            c_a, c_b,
+            _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP),
+            _parent_sum(tile_b * gs_b, parents_b, BLOCK_B, JBG, DP),
+            HAS_B,
+        )  # fmt: skip
+        g_a += _spread(ga_a, BLOCK_B, JA, DP) * V_a
+        if HAS_B:
+            g_b += _spread(ga_b, BLOCK_B, JBG, DP) * V_b
+    return g_a, g_b
+
+
+@triton.jit
+def _contract_group(g, W, U, PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """For one parent group: grad u [BLOCK_B, KP] = g W_i and grad W_i^T [JG * DP, KP] = g^T U_i
+    (g cast to the input dtype, so half inputs use the tensor cores; float32 accumulation)."""
+    g = g.to(W.dtype)
+    grad_u = tl.dot(g, tl.trans(W), input_precision=PRECISION, out_dtype=COMPUTE_DTYPE)
+    grad_w = tl.dot(tl.trans(g), U, input_precision=PRECISION, out_dtype=COMPUTE_DTYPE)
+    return grad_u, grad_w
+
+
+@triton.jit
+def _grad_weight_offsets(j0, n_out, d_out, DIN: tl.constexpr, KP: tl.constexpr,
+                         JG: tl.constexpr, DP: tl.constexpr):  # fmt: skip
+    """Offsets and mask of a parent group's [JG * DP, KP] tile of one capsule in a contiguous
+    [..., Nin, Nout, Dout, Din] gradient."""
+    n = tl.arange(0, JG * DP)
+    j = j0 + (n // DP).to(tl.int64)
+    d = (n % DP).to(tl.int64)
+    k = tl.arange(0, KP).to(tl.int64)
+    offsets = (j * d_out + d)[:, None] * DIN + k[None, :]
+    mask = ((j < n_out) & (d < d_out))[:, None] & (k < DIN)[None, :]
+    return offsets, mask
+
+
+@triton.jit
+def routing_backward_pairs_kernel(
     u_hat_ptr,
     u_ptr,
     w_ptr,
@@ -169,10 +790,21 @@ def routing_backward_state_kernel(
     V_all_ptr,
     grad_v_ptr,
     grad_s_all_ptr,
+    coef_ptr,
+    coef_grad_ptr,
+    lse_ptr,
+    inner_ptr,
+    grad_u_hat_ptr,
+    grad_u_ptr,
+    grad_w_ptr,
     batch,
     n_in,
     n_out,
     d_out,
+    capsules_per_slice,
+    blocks_per_chunk,
+    chunks,
+    parent_chunks,
     iterations,
     eps,
     stride_uh_b,
@@ -189,121 +821,206 @@ def routing_backward_state_kernel(
     stride_gv_b,
     stride_gv_j,
     stride_gv_d,
-    DETACH_LOGITS: tl.constexpr,
+    LAST_ONLY: tl.constexpr,
+    STORED_COEFFICIENTS: tl.constexpr,
+    CHUNKED: tl.constexpr,
     FROM_WEIGHT: tl.constexpr,
     DIN: tl.constexpr,
+    KP: tl.constexpr,
+    JA: tl.constexpr,
+    JB: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
 ):
-    """Grid (B,): gs_r for every iteration of one sample into grad_s_all [R, B, Nout, Dout]
-    (COMPUTE_DTYPE, contiguous; with DETACH_LOGITS only r = R-1 is written, the caller zeroes
-    the rest)."""
-    b = tl.program_id(0).to(tl.int64)
-    _, j, d, _ = pair_tile_offsets(0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
-    capsule_mask = (j < n_out)[:, None] & (d < d_out)[None, :]
-    sample_state = b * n_out * d_out + _state_offsets(j, d, d_out)
-    gv_offsets = b * stride_gv_b + j[:, None] * stride_gv_j + d[None, :] * stride_gv_d
-    grad_v = tl.load(grad_v_ptr + gv_offsets, mask=capsule_mask, other=0.0).to(COMPUTE_DTYPE)
-    grad_later = tl.zeros((BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)  # sum of gV_r' for r' > r
-    steps = iterations
-    if DETACH_LOGITS:
-        steps = 1
-    for step in range(steps):
-        r = iterations - 1 - step
-        offset = r * batch * n_out * d_out + sample_state
-        s = tl.load(s_all_ptr + offset, mask=capsule_mask, other=0.0)
-        grad_out = grad_later + grad_v
-        grad_s = squash_rows_backward(s, grad_out, eps)
-        tl.store(grad_s_all_ptr + offset, grad_s, mask=capsule_mask)
-        if r > 0:  # iteration 0 has constant (zero) logits
-            V = tl.load(V_all_ptr + offset, mask=capsule_mask, other=0.0)
-            grad_V = tl.zeros((BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)
-            for i0 in range(0, n_in, BLOCK_I):
-                i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
-                tile = _u_hat_tile(
-                    u_hat_ptr, u_ptr, w_ptr, b, i, j, d, mask, n_in,
-                    stride_uh_b, stride_uh_i, stride_uh_j, stride_uh_d, stride_u_b, stride_u_i,
-                    stride_u_k, stride_w_i, stride_w_j, stride_w_d, stride_w_k,
-                    FROM_WEIGHT, DIN, COMPUTE_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D,
-                )  # fmt: skip
-                c = _coefficients(tile, V, j, n_out)
-                grad_logits = _logit_gradient(tile, c, grad_s)
-                grad_V += tl.sum(grad_logits[:, :, None] * tile, axis=0)
-            grad_later += grad_V
-        grad_v = tl.zeros((BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)  # gv reaches only v_(R-1)
-
-
-@triton.jit
-def routing_grad_pairs_tile(
-    tile,
-    V_all_ptr,
-    grad_s_all_ptr,
-    b,
-    j,
-    d,
-    batch,
-    n_out,
-    d_out,
-    iterations,
-    DETACH_LOGITS: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """g_u_hat for one u_hat tile of sample b: ``sum_r c_r gs_r + ga_r V_r``."""
-    capsule_mask = (j < n_out)[:, None] & (d < d_out)[None, :]
-    sample_state = b * n_out * d_out + _state_offsets(j, d, d_out)
-    grad = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)
-    steps = iterations
-    if DETACH_LOGITS:
-        steps = 1
-    for step in range(steps):
-        r = iterations - 1 - step
-        offset = r * batch * n_out * d_out + sample_state
-        V = tl.load(V_all_ptr + offset, mask=capsule_mask, other=0.0)
-        grad_s = tl.load(grad_s_all_ptr + offset, mask=capsule_mask, other=0.0)
-        c = _coefficients(tile, V, j, n_out)
-        grad += c[:, :, None] * grad_s[None, :, :]
-        if not DETACH_LOGITS:
-            grad_logits = _logit_gradient(tile, c, grad_s)  # zero for r = 0, where V_0 = 0
-            grad += grad_logits[:, :, None] * V[None, :, :]
-    return grad
-
-
-@triton.jit
-def routing_backward_pairs_kernel(
-    u_hat_ptr,
-    V_all_ptr,
-    grad_s_all_ptr,
-    grad_u_hat_ptr,
-    batch,
-    n_in,
-    n_out,
-    d_out,
-    iterations,
-    stride_uh_b,
-    stride_uh_i,
-    stride_uh_j,
-    stride_uh_d,
-    DETACH_LOGITS: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Grid (Nin tiles, B): grad u_hat into a contiguous [B, Nin, Nout, Dout]."""
-    b = tl.program_id(1).to(tl.int64)
-    i, j, d, mask = pair_tile_offsets(
-        tl.program_id(0).to(tl.int64) * BLOCK_I, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D
-    )
-    offsets = b * stride_uh_b + tile_offsets(i, j, d, stride_uh_i, stride_uh_j, stride_uh_d)
-    tile = tl.load(u_hat_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    grad = routing_grad_pairs_tile(
-        tile, V_all_ptr, grad_s_all_ptr, b, j, d, batch, n_out, d_out, iterations,
-        DETACH_LOGITS, COMPUTE_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D,
-    )  # fmt: skip
-    out = grad_u_hat_ptr + b * n_in * n_out * d_out + tile_offsets(i, j, d, n_out * d_out, d_out, 1)
-    tl.store(out, grad.to(grad_u_hat_ptr.dtype.element_ty), mask=mask)
+    """Grid (slices * batch chunks * parent chunks,): a program walks the sample blocks of its
+    batch chunk and, for each, the capsules of its slice, forming g_u_hat = sum_r c_r gs_r +
+    ga_r V_r per tile. Stored u_hat: writes grad u_hat (contiguous [B, Nin, Nout, Dout], input
+    dtype). FROM_WEIGHT: writes grad u (contiguous [B, Nin, Din], input dtype; CHUNKED: the
+    parent chunk's part, [parent chunks, B, Nin, Din] in COMPUTE_DTYPE) and accumulates the batch
+    chunk's grad W into its slot of grad_w (contiguous [chunks, Nin, Nout, Dout, Din],
+    COMPUTE_DTYPE). STORED_COEFFICIENTS: c_r and ga_r come from coef and coef_grad, else from a
+    recomputed u_hat (CHUNKED: with lse and inner, [R-1, B, Nin]). LAST_ONLY: only the last
+    weighted sum is differentiated; gs_(R-1) is computed here, and stored (with zeros for the
+    other iterations) by slice 0."""
+    HAS_B: tl.constexpr = JB > 0
+    JBG: tl.constexpr = JB if HAS_B else JA
+    pid = tl.program_id(0)
+    j0 = pid % parent_chunks * JA
+    slice_id = pid // parent_chunks // chunks
+    chunk = pid // parent_chunks % chunks
+    first = slice_id * capsules_per_slice
+    last = tl.minimum(first + capsules_per_slice, n_in)
+    first_block = chunk * blocks_per_chunk
+    last_block = tl.minimum(first_block + blocks_per_chunk, tl.cdiv(batch, BLOCK_B))
+    size = tl.cast(batch, tl.int64) * n_out * d_out
+    last_offset = tl.cast(iterations - 1, tl.int64) * size
+    k = tl.arange(0, KP).to(tl.int64)
+    gw_a, gw_mask_a = _grad_weight_offsets(j0, n_out, d_out, DIN, KP, JA, DP)
+    gw_b, gw_mask_b = gw_a, gw_mask_a
+    if HAS_B:
+        gw_b, gw_mask_b = _grad_weight_offsets(JA, n_out, d_out, DIN, KP, JB, DP)
+    gw_chunk = grad_w_ptr + tl.cast(chunk, tl.int64) * n_in * n_out * d_out * DIN
+    for block in range(first_block, last_block):
+        b, b_mask = _sample_block(block, batch, BLOCK_B)
+        state_a, mask_a, parents_a, uh_a, w_a, w_mask_a = _group(
+            b, b_mask, j0, n_out, d_out, stride_uh_b, stride_uh_j, stride_uh_d,
+            stride_w_j, stride_w_d, stride_w_k, DIN, KP, JA, DP,
+        )  # fmt: skip
+        state_b, mask_b, parents_b = state_a, mask_a, parents_a
+        uh_b, w_b, w_mask_b = uh_a, w_a, w_mask_a
+        if HAS_B:
+            state_b, mask_b, parents_b, uh_b, w_b, w_mask_b = _group(
+                b, b_mask, JA, n_out, d_out, stride_uh_b, stride_uh_j, stride_uh_d,
+                stride_w_j, stride_w_d, stride_w_k, DIN, KP, JB, DP,
+            )  # fmt: skip
+        u_offsets = b[:, None] * stride_u_b + k[None, :] * stride_u_k
+        u_mask = b_mask[:, None] & (k < DIN)[None, :]
+        coef_rows, parent_a, coef_mask_a, parent_b, coef_mask_b = _coefficient_offsets(
+            b, b_mask, 0, batch, n_in, n_out, j0, JA, JBG
+        )
+        stats_rows = b * n_in  # + slot * B * Nin: lse and inner of iteration slot + 1
+        if LAST_ONLY:
+            # the only term: c_(R-1) gs_(R-1); V_(R-1) = 0 when R = 1 gives c = 1/Nout
+            gs_a = _output_grad_tile(s_all_ptr, grad_v_ptr, b, j0, n_out, d_out, state_a, mask_a,
+                                     last_offset, eps, stride_gv_b, stride_gv_j, stride_gv_d,
+                                     COMPUTE_DTYPE, BLOCK_B, JA, DP)  # fmt: skip
+            V_a = tl.load(V_all_ptr + last_offset + state_a, mask=mask_a, other=0.0)
+            gs_b, V_b = gs_a, V_a
+            if HAS_B:
+                gs_b = _output_grad_tile(s_all_ptr, grad_v_ptr, b, JA, n_out, d_out, state_b,
+                                         mask_b, last_offset, eps, stride_gv_b, stride_gv_j,
+                                         stride_gv_d, COMPUTE_DTYPE, BLOCK_B, JB, DP)  # fmt: skip
+                V_b = tl.load(V_all_ptr + last_offset + state_b, mask=mask_b, other=0.0)
+            if slice_id == 0:
+                tl.store(grad_s_all_ptr + last_offset + state_a, gs_a, mask=mask_a)
+                if HAS_B:
+                    tl.store(grad_s_all_ptr + last_offset + state_b, gs_b, mask=mask_b)
+                for r in range(iterations - 1):  # detached iterations get no gradient
+                    zero_offset = tl.cast(r, tl.int64) * size
+                    tl.store(grad_s_all_ptr + zero_offset + state_a, tl.zeros_like(gs_a),
+                             mask=mask_a)  # fmt: skip
+                    if HAS_B:
+                        tl.store(grad_s_all_ptr + zero_offset + state_b, tl.zeros_like(gs_b),
+                                 mask=mask_b)  # fmt: skip
+        for capsule in range(first, last):
+            capsule = tl.cast(capsule, tl.int64)
+            U = u_offsets  # unused without FROM_WEIGHT
+            if FROM_WEIGHT:
+                U = tl.load(u_ptr + capsule * stride_u_i + u_offsets, mask=u_mask, other=0.0)
+            capsule_u_hat = u_hat_ptr + capsule * stride_uh_i
+            capsule_w = w_ptr + capsule * stride_w_i
+            if STORED_COEFFICIENTS:
+                # g_u_hat = gs_0 / Nout + sum over r >= 1 of c_r gs_r + ga_r V_r, with c_r and
+                # ga_r stored by the backward partial kernels: no u_hat needed
+                W_a = U
+                W_b = U
+                if FROM_WEIGHT:
+                    W_a = tl.load(capsule_w + w_a, mask=w_mask_a, other=0.0)
+                    if HAS_B:
+                        W_b = tl.load(capsule_w + w_b, mask=w_mask_b, other=0.0)
+                # iteration 0 has constant logits: its term is gs_0 / Nout
+                g_a = tl.load(grad_s_all_ptr + state_a, mask=mask_a, other=0.0) / n_out
+                g_b = g_a
+                if HAS_B:
+                    g_b = tl.load(grad_s_all_ptr + state_b, mask=mask_b, other=0.0) / n_out
+                coef_at = coef_rows + capsule * n_out
+                for r in range(1, iterations):
+                    offset = tl.cast(r, tl.int64) * size
+                    slot = coef_at + tl.cast(r - 1, tl.int64) * batch * n_in * n_out
+                    V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+                    gs_a = tl.load(grad_s_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+                    c_a = tl.load(coef_ptr + slot + parent_a[None, :], mask=coef_mask_a, other=0.0)
+                    ga_a = tl.load(coef_grad_ptr + slot + parent_a[None, :], mask=coef_mask_a,
+                                   other=0.0)  # fmt: skip
+                    g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
+                    g_a += _spread(ga_a, BLOCK_B, JA, DP) * V_a
+                    if HAS_B:
+                        V_b = tl.load(V_all_ptr + offset + state_b, mask=mask_b, other=0.0)
+                        gs_b = tl.load(grad_s_all_ptr + offset + state_b, mask=mask_b, other=0.0)
+                        c_b = tl.load(coef_ptr + slot + parent_b[None, :], mask=coef_mask_b,
+                                      other=0.0)  # fmt: skip
+                        ga_b = tl.load(coef_grad_ptr + slot + parent_b[None, :],
+                                       mask=coef_mask_b, other=0.0)  # fmt: skip
+                        g_b += _spread(c_b, BLOCK_B, JB, DP) * gs_b
+                        g_b += _spread(ga_b, BLOCK_B, JB, DP) * V_b
+            else:
+                # the coefficients from a recomputed u_hat tile
+                tile_a, W_a = _u_hat_group(U, capsule_u_hat, uh_a, mask_a, capsule_w, w_a,
+                                           w_mask_a, FROM_WEIGHT, PRECISION, DOT_DTYPE,
+                                           COMPUTE_DTYPE)  # fmt: skip
+                tile_b, W_b = tile_a, W_a
+                if HAS_B:
+                    tile_b, W_b = _u_hat_group(U, capsule_u_hat, uh_b, mask_b, capsule_w, w_b,
+                                               w_mask_b, FROM_WEIGHT, PRECISION, DOT_DTYPE,
+                                               COMPUTE_DTYPE)  # fmt: skip
+                if LAST_ONLY and CHUNKED:
+                    last_slot = tl.maximum(iterations - 1, 1) - 1
+                    stats_at = tl.cast(last_slot, tl.int64) * batch * n_in + stats_rows + capsule
+                    c_a = _chunk_coefficients(tile_a, V_a, parents_a, lse_ptr, stats_at, b_mask,
+                                              BLOCK_B, JA, DP)  # fmt: skip
+                    g_a = _spread(c_a, BLOCK_B, JA, DP) * gs_a
+                    g_b = g_a
+                elif LAST_ONLY:
+                    g_a, g_b = _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a,
+                                           parents_b, tl.zeros_like(tile_a),
+                                           tl.zeros_like(tile_b), False, HAS_B, BLOCK_B, JA, JBG,
+                                           DP)  # fmt: skip
+                elif CHUNKED:
+                    g_a = tl.load(grad_s_all_ptr + state_a, mask=mask_a, other=0.0) / n_out
+                    g_b = g_a
+                    for r in range(1, iterations):
+                        offset = tl.cast(r, tl.int64) * size
+                        V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+                        gs_a = tl.load(grad_s_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+                        stats_at = tl.cast(r - 1, tl.int64) * batch * n_in + stats_rows + capsule
+                        c_a = _chunk_coefficients(tile_a, V_a, parents_a, lse_ptr, stats_at,
+                                                  b_mask, BLOCK_B, JA, DP)  # fmt: skip
+                        inner = tl.load(inner_ptr + stats_at, mask=b_mask, other=0.0)
+                        grad_c = _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP)
+                        g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
+                        g_a += _spread(c_a * (grad_c - inner[:, None]), BLOCK_B, JA, DP) * V_a
+                    g_b = g_a
+                else:
+                    g_a = tl.load(grad_s_all_ptr + state_a, mask=mask_a, other=0.0) / n_out
+                    g_b = g_a
+                    if HAS_B:
+                        g_b = tl.load(grad_s_all_ptr + state_b, mask=mask_b, other=0.0) / n_out
+                    for r in range(1, iterations):
+                        offset = tl.cast(r, tl.int64) * size
+                        V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+                        gs_a = tl.load(grad_s_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+                        V_b, gs_b = V_a, gs_a
+                        if HAS_B:
+                            V_b = tl.load(V_all_ptr + offset + state_b, mask=mask_b, other=0.0)
+                            gs_b = tl.load(grad_s_all_ptr + offset + state_b, mask=mask_b,
+                                           other=0.0)  # fmt: skip
+                        g_a, g_b = _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a,
+                                               parents_b, g_a, g_b, True, HAS_B, BLOCK_B, JA,
+                                               JBG, DP)  # fmt: skip
+            if FROM_WEIGHT:
+                grad_u, grad_w_a = _contract_group(g_a, W_a, U, PRECISION, COMPUTE_DTYPE)
+                capsule_gw = gw_chunk + capsule * n_out * d_out * DIN
+                if block > first_block:
+                    grad_w_a += tl.load(capsule_gw + gw_a, mask=gw_mask_a, other=0.0)
+                tl.store(capsule_gw + gw_a, grad_w_a, mask=gw_mask_a)
+                if HAS_B:
+                    grad_u_b, grad_w_b = _contract_group(g_b, W_b, U, PRECISION, COMPUTE_DTYPE)
+                    grad_u += grad_u_b
+                    if block > first_block:
+                        grad_w_b += tl.load(capsule_gw + gw_b, mask=gw_mask_b, other=0.0)
+                    tl.store(capsule_gw + gw_b, grad_w_b, mask=gw_mask_b)
+                gu_offsets = (b[:, None] * n_in + capsule) * DIN + k[None, :]
+                if CHUNKED:  # this parent chunk's part; the host sums the chunks
+                    gu_offsets += tl.cast(pid % parent_chunks, tl.int64) * batch * n_in * DIN
+                tl.store(grad_u_ptr + gu_offsets, grad_u.to(grad_u_ptr.dtype.element_ty),
+                         mask=u_mask)  # fmt: skip
+            else:
+                # grad u_hat [B, Nin, Nout, Dout]: state offsets plus the capsule's rows
+                rows = b[:, None] * ((n_in - 1) * n_out * d_out) + capsule * n_out * d_out
+                out = grad_u_hat_ptr + rows
+                tl.store(out + state_a, g_a.to(grad_u_hat_ptr.dtype.element_ty), mask=mask_a)
+                if HAS_B:
+                    tl.store(out + state_b, g_b.to(grad_u_hat_ptr.dtype.element_ty), mask=mask_b)

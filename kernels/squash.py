@@ -24,19 +24,40 @@ def _load_block(ptr, rows, cols, mask, stride_row, stride_col, COMPUTE_DTYPE: tl
 
 
 @triton.jit
+def div_rn(a, b):
+    """a / b rounded to nearest (``/`` compiles to an approximate float32 division on GPUs)."""
+    if a.dtype == tl.float64:
+        out = a / b  # float64 division is IEEE already
+    else:
+        out = tl.div_rn(a, b)
+    return out
+
+
+@triton.jit
+def sqrt_rn(x):
+    """sqrt(x) rounded to nearest (``tl.sqrt`` is approximate in float32 on GPUs)."""
+    if x.dtype == tl.float64:
+        out = tl.sqrt(x)
+    else:
+        out = tl.sqrt_rn(x)
+    return out
+
+
+@triton.jit
 def squash_rows(s, eps):
-    """v for every row of a [rows, D] block (in the block's dtype)."""
+    """v for every row of a [rows, D] block (in the block's dtype). Division and square root are
+    IEEE round-to-nearest (``/`` and ``tl.sqrt`` compile to approximate instructions on GPUs)."""
     n = tl.sum(s * s, axis=1)
-    return s * (n / ((1.0 + n) * tl.sqrt(n + eps)))[:, None]
+    return s * div_rn(n, (1.0 + n) * sqrt_rn(n + eps))[:, None]
 
 
 @triton.jit
 def squash_rows_backward(s, grad_v, eps):
-    """grad s for every row of a [rows, D] block, given grad v."""
+    """grad s for every row of a [rows, D] block, given grad v (IEEE division and square root)."""
     n = tl.sum(s * s, axis=1)
-    root = tl.sqrt(n + eps)
-    f = n / ((1.0 + n) * root)
-    df = (2.0 * eps + n - n * n) / (2.0 * (1.0 + n) * (1.0 + n) * (n + eps) * root)
+    root = sqrt_rn(n + eps)
+    f = div_rn(n, (1.0 + n) * root)
+    df = div_rn(2.0 * eps + n - n * n, 2.0 * (1.0 + n) * (1.0 + n) * (n + eps) * root)
     return f[:, None] * grad_v + (2.0 * df * tl.sum(s * grad_v, axis=1))[:, None] * s
 
 

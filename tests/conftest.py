@@ -12,6 +12,9 @@ import torch
 # before triton is first imported, which fastcaps does lazily, on the first Triton call.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from fastcaps._interpreter import skip_repatching
+
+    skip_repatching()
 
 import pytest
 

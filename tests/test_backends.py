@@ -97,6 +97,51 @@ def test_capsule_routing_matches_reference(
     check_capsule_routing(backend, u, weight, b, iterations, detach_logits, dtype)
 
 
+# Forced tilings of the Triton routing kernels, so that small shapes take every path the large
+# ones take: several slices of input capsules and sample blocks per program, grad W summed over
+# batch chunks, and the pairs kernel with stored or recomputed coefficients.
+TRITON_PATHS = {
+    "split-chunked": dict(capsules_per_slice=5, block_b=16, chunks=2),
+    "stored-coefficients": dict(store_coefficients=True, capsules_per_slice=4),
+    "recomputed-coefficients": dict(store_coefficients=False, block_b=16, capsules_per_slice=7),
+    # parents in chunks of 2 (the last one half padded), coupled by softmax statistics
+    "parent-chunks-stored": dict(parent_chunks=2, chunk_parents=2, store_coefficients=True),
+    "parent-chunks-recomputed": dict(
+        parent_chunks=2, chunk_parents=2, store_coefficients=False, chunks=2, block_b=16
+    ),
+}
+
+
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+@pytest.mark.parametrize("iterations", [2, 3], ids=lambda r: f"R{r}")
+@pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_triton_tiling_paths_match_reference(device, path, detach_logits, iterations):
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    from fastcaps.triton_launch import override_routing_plan
+
+    shape = Shape(20, 13, 3, 5, 3)  # 20 samples: two blocks of 16
+    u, weight, bias = make_layer_inputs(shape, torch.float64, device, bias=True)
+    with override_routing_plan(**TRITON_PATHS[path]):
+        check_capsule_routing("triton", u, weight, bias, iterations, detach_logits, torch.float64)
+        u_hat = reference.predictions(u.detach(), weight.detach()).requires_grad_()
+        v = fastcaps.dynamic_routing(
+            u_hat, iterations, bias, detach_logits=detach_logits, backend="triton"
+        )
+    u_hat64, bias64 = as_float64_leaf(u_hat), as_float64_leaf(bias)
+    v_ref = reference.dynamic_routing(u_hat64, iterations, bias64, detach_logits=detach_logits)
+    assert_close(v, v_ref, torch.float64, "v")
+    grad_v = torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for name, g, e in zip(
+        ("u_hat", "bias"),
+        grads(v, (u_hat, bias), grad_v.to(device)),
+        grads(v_ref, (u_hat64, bias64), grad_v),
+        strict=True,
+    ):
+        assert_close(g, e, torch.float64, f"grad {name}")
+
+
 @pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
 @pytest.mark.parametrize("iterations", [1, 3], ids=lambda r: f"R{r}")
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: s.id)

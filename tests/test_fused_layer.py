@@ -11,14 +11,16 @@ from torch.profiler import ProfilerActivity, profile
 import fastcaps
 from conftest import Shape, make_layer_inputs
 from fastcaps import reference
+from fastcaps.triton_launch import override_routing_plan
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="the triton backend needs triton"
 )
 DEVICE = "cuda" if CUDA else "cpu"
-# Din < Nout and B > Dout * Din, so u-sized and weight-sized tensors are smaller than the logits
-SHAPE = Shape(40, 24, 6, 4, 3)
+# Din < Nout and B > Dout * Din, so u-sized and weight-sized tensors are smaller than the logits;
+# Dout = 8 > 2 (R - 1) keeps the stored coefficients of 3 iterations below u_hat's size
+SHAPE = Shape(40, 24, 6, 8, 3)
 
 
 def saved_tensors(backend: str, u, weight, bias) -> list[torch.Tensor]:
@@ -55,13 +57,19 @@ def largest_allocation(backend: str, u, weight, bias) -> int:
 
 
 @pytest.mark.skipif(CUDA, reason="counts CPU allocations; on CUDA see the peak-memory test")
-def test_fused_layer_allocates_nothing_of_logits_size():
+@pytest.mark.parametrize("stored", [False, True], ids=["recompute", "stored-coefficients"])
+def test_fused_layer_never_allocates_u_hat(stored):
     u, weight, bias = make_layer_inputs(SHAPE, torch.float32, "cpu", bias=True)
     logits_size = SHAPE.B * SHAPE.Nin * SHAPE.Nout
-    fastcaps.capsule_routing(u, weight, 3, bias, backend="triton")  # load and warm up first
-    assert largest_allocation("triton", u, weight, bias) < logits_size
+    u_hat_size = logits_size * SHAPE.Dout
+    with override_routing_plan(store_coefficients=stored):
+        fastcaps.capsule_routing(u, weight, 3, bias, backend="triton")  # load and warm up first
+        largest = largest_allocation("triton", u, weight, bias)
+    # the coefficient buffers (c_r and ga_r of iterations 1 .. R-1) are the largest allocation
+    # when kept; otherwise the slices' partial sums, at most the logits' size
+    assert largest <= (2 if stored else 1) * logits_size < u_hat_size
     # the check can fail: the torch backend does materialize u_hat
-    assert largest_allocation("torch", u, weight, bias) >= logits_size * SHAPE.Dout
+    assert largest_allocation("torch", u, weight, bias) >= u_hat_size
 
 
 @pytest.mark.skipif(not CUDA, reason="peak CUDA memory needs a GPU")
