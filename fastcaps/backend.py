@@ -1,8 +1,9 @@
 """Backend selection: which implementation runs an operation.
 
 Backends:
-    "auto"       "triton" for CUDA tensors when Triton imports and has a kernel for the op,
-                 else "torch".
+    "auto"       on CUDA, when Triton imports and has a kernel for the op: the faster of
+                 "torch" and "triton", timed once per call signature (``fastcaps.autotune``;
+                 ``FASTCAPS_AUTOTUNE=0``: a static rule); "torch" everywhere else.
     "torch"      the efficient PyTorch fallback (``fastcaps.torch_backend``); any device.
     "triton"     the Triton kernels; CUDA tensors, or CPU tensors under Triton's interpreter
                  (``TRITON_INTERPRET=1`` set before triton is imported).
@@ -13,6 +14,7 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -103,15 +105,27 @@ def prepare(backend: str | None) -> None:
         load_triton_ops()
 
 
+def _auto_can_use_triton(device_tensor: Tensor) -> bool:
+    """Whether "auto" considers Triton for tensors on this device (CUDA only: the interpreter
+    is for tests and debugging, never faster)."""
+    return device_tensor.is_cuda
+
+
 def resolve_backend(op: str, backend: str | None, device_tensor: Tensor) -> str:
-    """The backend that will run ``op`` on ``device_tensor``'s device: "torch", "triton" or
-    "reference". Raises when "triton" was asked for and cannot run."""
+    """The backend that will run ``op`` on ``device_tensor``'s device: "torch", "triton",
+    "reference", or "tuned" ("auto" on CUDA when both torch and triton can run it: the faster is
+    timed on first use, see ``fastcaps.autotune``). Raises when "triton" was asked for and cannot
+    run."""
     choice = requested_backend(backend)
     if choice == "auto":
-        if device_tensor.is_cuda and triton_available():
+        if _auto_can_use_triton(device_tensor) and triton_available():
             load_triton_ops()
             if op in _TRITON_OPS:
-                return "triton"
+                from fastcaps import autotune
+
+                if autotune.autotune_enabled():
+                    return "tuned"
+                return autotune.STATIC_RULE.get(op, "torch")
         return "torch"
     if choice == "triton":
         load_triton_ops()
@@ -139,4 +153,9 @@ def implementation(op: str, backend: str | None, device_tensor: Tensor) -> Calla
         return _TRITON_OPS[op]
     from fastcaps import reference, torch_backend
 
+    if choice == "tuned":
+        from fastcaps.autotune import tuned_call
+
+        candidates = {"torch": getattr(torch_backend, op), "triton": _TRITON_OPS[op]}
+        return functools.partial(tuned_call, op, candidates)
     return getattr(reference if choice == "reference" else torch_backend, op)
