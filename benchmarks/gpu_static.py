@@ -17,6 +17,7 @@ are a model (see ``benchmarks.static_sm90``); ``--measure`` puts real times besi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -269,7 +270,7 @@ def model_scenario(op: str, layer: Layer, dtype_name: str, **options) -> dict:
             {
                 "kernel": launch.kernel,
                 "phase": launch.tags["phase"],
-                "variant": launch.variant,
+                "variant": hashlib.sha1(launch.variant.encode()).hexdigest()[:12],
                 "constexprs": {k: v for k, v in launch.scalars.items() if k.isupper()},
                 "grid": list(m.grid),
                 "programs": m.programs,
@@ -340,7 +341,9 @@ def problems(scenarios: list[dict]) -> list[str]:
         for r in s["launches"]:
             if r["spills"]:
                 found.append(f"{where}: {r['kernel']} spills ({r['local_bytes']} B local memory)")
-            if not r["loops_matched"]:
+            # float64 is for tests only: its timing model may stay unmatched (ptxas versions
+            # some of its loops), its spills may not
+            if not r["loops_matched"] and s["dtype"] != "float64":
                 found.append(f"{where}: {r['kernel']}: {r['loops']} SASS loops, trips {r['trips']}")
             half = s["dtype"] in ("bfloat16", "float16")
             # the fused layer's forward forms u_hat on the tensor cores for half inputs
@@ -454,6 +457,7 @@ def write_report(data: dict, out: Path) -> Path:
 def _atomic_write(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         f.write(text)
+    os.chmod(f.name, 0o644)
     os.replace(f.name, path)
 
 
@@ -582,12 +586,15 @@ def main(argv: list[str] | None = None) -> int:
         "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(HOPPER).items()},
         "scenarios": scenarios,
     }
-    if args.baseline:
-        data["baseline"] = json.loads(args.baseline.read_text())["scenarios"]
+    if args.baseline:  # the totals of an earlier report, for its "before" column
+        keep = ("op", "layer", "dtype", "provider", "forward_us", "backward_us")
+        data["baseline_source"] = str(args.baseline)
+        data["baseline"] = [{k: b[k] for k in keep}
+                            for b in json.loads(args.baseline.read_text())["scenarios"]]  # fmt: skip
     if args.measure:
         data["measured"] = measure(scenarios)
     args.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.out / "report.json", json.dumps(data, indent=1, default=str))
+    _atomic_write(args.out / "report.json", json.dumps(data, default=str))
     path = write_report(data, args.out)
     found = problems(scenarios)
     print(f"wrote {path} and report.json; {len(found)} problem(s)")

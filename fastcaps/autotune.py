@@ -7,7 +7,7 @@ the rest of the process, like ``torch.backends.cudnn.benchmark``. The decision i
 ``torch.compile`` trace: a compiled function uses the decision of an earlier eager call with the
 same signature, else the static rule. ``FASTCAPS_AUTOTUNE=0`` uses the static rule always.
 
-The static rule (``STATIC_RULE``) is the choice of the static sm_90 model at the MNIST layer
+The static rule (``STATIC_RULE``) is the choice of the static sm_90 model
 (``benchmarks/results/static-sm90/report.md``).
 """
 
@@ -24,12 +24,13 @@ from torch import Tensor
 
 ENV_VAR = "FASTCAPS_AUTOTUNE"
 CANDIDATES = ("torch", "triton")
-# The choice on CUDA without timing: Triton where the static sm_90 model puts it ahead of the torch
-# backend at the MNIST layer (B = 32 .. 2048, float32 and bfloat16), torch elsewhere.
+# The choice on CUDA without timing: what the static sm_90 model prefers at every layer of its
+# report (benchmarks/results/static-sm90/report.md; B = 32 .. 2048, float32 and bfloat16): the
+# Triton routing layers and squash, and the torch backend's batched matmul for predictions.
 STATIC_RULE = {
     "capsule_routing": "triton",
     "dynamic_routing": "triton",
-    "predictions": "triton",
+    "predictions": "torch",
     "squash": "triton",
 }
 

@@ -31,6 +31,7 @@ TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
+TORCH_DTYPES = {v: k for k, v in TL_DTYPES.items()}
 
 
 def compute_dtype(dtype: torch.dtype):
@@ -83,7 +84,8 @@ def row_launch(n_rows: int, d: int, max_elements: int = 4096, min_programs: int 
     block_rows = min(triton.next_power_of_2(max(n_rows, 1)), max(1, max_elements // block_d))
     while block_rows > 1 and triton.cdiv(n_rows, block_rows) < min_programs:
         block_rows //= 2
-    num_warps = 4 if block_rows * block_d >= 2048 else (2 if block_rows * block_d >= 512 else 1)
+    # about 16 values per thread: the squash backward's IEEE divisions spill with more
+    num_warps = max(1, min(8, block_rows * block_d // 512))
     return RowLaunch(block_rows, block_d, num_warps, (triton.cdiv(n_rows, block_rows),))
 
 
@@ -142,7 +144,8 @@ class Tiling:
     blocks_per_chunk: int
     chunks: int
     parent_chunks: int = 1
-    dot_dtype: object = None  # the tl dtype of the u_hat dot's operands (None: the input's)
+    dot_dtype: object = None  # the tl dtype of the u_hat dot's operands
+    kp: int = 16  # Din padded to the dot's minimum K for dot_dtype
 
     @property
     def programs(self) -> int:
@@ -156,7 +159,8 @@ class RoutingPlan:
     samples per program), ``pairs`` for the pairs kernel, ``stats`` for the softmax statistics
     kernel of chunked parents. The parents are two power-of-two groups of ``ja`` and ``jb`` (0:
     none) parents, or, when they are too many for the registers, ``parent_chunks`` chunks of
-    ``ja`` (``jb`` = 0). Dout is padded to ``dp`` and Din to ``kp`` (the dot's minimum K)."""
+    ``ja`` (``jb`` = 0). Dout is padded to ``dp``, and each tiling pads Din to the minimum K of
+    its dot's dtype."""
 
     forward: Tiling
     backward: Tiling
@@ -165,7 +169,6 @@ class RoutingPlan:
     ja: int
     jb: int
     dp: int
-    kp: int
     precision: str
 
     @property
@@ -179,7 +182,7 @@ class RoutingPlan:
     def kernel_options(self, tiling: Tiling) -> dict:
         """The constexprs and launch options of a routing kernel with this tiling."""
         return dict(
-            KP=self.kp, JA=self.ja, JB=self.jb, DP=self.dp, PRECISION=self.precision,
+            KP=tiling.kp, JA=self.ja, JB=self.jb, DP=self.dp, PRECISION=self.precision,
             BLOCK_B=tiling.block_b, DOT_DTYPE=tiling.dot_dtype, num_warps=tiling.num_warps,
             **COMPILER_OPTIONS,
         )  # fmt: skip
@@ -310,17 +313,12 @@ def routing_plan(
     )
     stats = replace(_partial_tiling(batch, n_in, d_out, 32 if wide == 4 else 16, wide, target),
                     dot_dtype=backward.dot_dtype)  # fmt: skip
-    return RoutingPlan(
-        forward=forward,
-        backward=backward,
-        pairs=pairs,
-        stats=stats,
-        ja=ja,
-        jb=jb,
-        dp=dp,
-        kp=max(triton.next_power_of_2(d_in), min_dot_k(dtype)),
-        precision=dot_precision(dtype),
-    )
+    tilings = {}
+    for name, tiling in (("forward", forward), ("backward", backward), ("pairs", pairs),
+                         ("stats", stats)):  # fmt: skip
+        operand = TORCH_DTYPES[tiling.dot_dtype]
+        tilings[name] = replace(tiling, kp=max(triton.next_power_of_2(d_in), min_dot_k(operand)))
+    return RoutingPlan(**tilings, ja=ja, jb=jb, dp=dp, precision=dot_precision(dtype))
 
 
 def store_coefficients(iterations: int, d_out: int) -> bool:

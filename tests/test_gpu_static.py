@@ -45,7 +45,8 @@ def test_every_launched_variant_compiles_for_sm90_without_spills(tmp_path):
             assert (dtype, kernel) in launched, (dtype, kernel)
     rows = [r for s in data["scenarios"] for r in s["launches"]]
     assert rows and not any(r["spills"] for r in rows)
-    assert all(r["loops_matched"] for r in rows)
+    timed = [r for s in data["scenarios"] if s["dtype"] != "float64" for r in s["launches"]]
+    assert timed and all(r["loops_matched"] for r in timed)
     assert (tmp_path / "report.md").read_text().startswith("# Static sm_90 (H100) cost report")
     if torch.cuda.is_available():  # with a GPU the report is written for it as well
         assert data["scenarios"]
