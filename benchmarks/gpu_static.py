@@ -589,8 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:  # the totals of an earlier report, for its "before" column
         keep = ("op", "layer", "dtype", "provider", "forward_us", "backward_us")
         data["baseline_source"] = str(args.baseline)
-        data["baseline"] = [{k: b[k] for k in keep}
-                            for b in json.loads(args.baseline.read_text())["scenarios"]]  # fmt: skip
+        earlier = json.loads(args.baseline.read_text())["scenarios"]
+        data["baseline"] = [{k: b[k] for k in keep} for b in earlier]
     if args.measure:
         data["measured"] = measure(scenarios)
     args.out.mkdir(parents=True, exist_ok=True)
