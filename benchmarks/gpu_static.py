@@ -161,9 +161,17 @@ def _call(op: str, implementation, args, layer: Layer, detach_logits: bool = Fal
     return implementation(*tensors, layer.R, bias, detach_logits=detach_logits)
 
 
-def triton_launches(op: str, layer: Layer, dtype, bias: bool = False, detach_logits: bool = False):
+def triton_launches(
+    op: str,
+    layer: Layer,
+    dtype,
+    bias: bool = False,
+    detach_logits: bool = False,
+    float32_precision: str | None = None,
+):
     """The intercepted launches of one forward and one backward of ``op`` on the Triton backend,
-    tagged with their phase."""
+    tagged with their phase (``float32_precision``: a torch.set_float32_matmul_precision
+    setting for the duration)."""
     import torch
 
     from benchmarks.static_sm90 import intercept_launches
@@ -172,10 +180,15 @@ def triton_launches(op: str, layer: Layer, dtype, bias: bool = False, detach_log
     load_triton_ops()
     args = _inputs(op, layer, dtype, "cpu", bias)
     tags = {"phase": "forward"}
-    with intercept_launches(tags) as launches:
-        out = _call(op, _TRITON_OPS[op], args, layer, detach_logits)
-        tags["phase"] = "backward"
-        torch.autograd.grad(out, args, torch.ones_like(out))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(float32_precision or previous)
+    try:
+        with intercept_launches(tags) as launches:
+            out = _call(op, _TRITON_OPS[op], args, layer, detach_logits)
+            tags["phase"] = "backward"
+            torch.autograd.grad(out, args, torch.ones_like(out))
+    finally:
+        torch.set_float32_matmul_precision(previous)
     return launches
 
 
@@ -396,7 +409,8 @@ def write_report(data: dict, out: Path) -> Path:
         head += " triton before us | before / after |"
         sep += "---|---|"
     lines += [head, sep]
-    by_key = {(s["op"], s["layer"]["id"], s["dtype"], s["provider"]): s for s in scenarios}
+    by_key = {(s["op"], s["layer"]["id"], s["dtype"], s["provider"]): s
+              for s in scenarios if not s["options"]}  # fmt: skip
     for (op, layer_id, dtype, provider), s in by_key.items():
         if provider != "triton" or s.get("options"):
             continue
@@ -407,6 +421,21 @@ def write_report(data: dict, out: Path) -> Path:
             b = baseline.get((op, layer_id, dtype, provider))
             row += (f" {_fmt(_total(b))} | {_total(b) / _total(s):.1f}x |" if b else " | |")
         lines.append(row)
+    opt_ins = [t for t in scenarios if t["options"].get("float32_precision")]
+    if opt_ins:
+        lines += [
+            "",
+            "## Float32 dots on the tensor cores (opt-in, `torch.set_float32_matmul_precision`)",
+            "",
+            "| op | layer | setting | triton us | default (\"highest\") us | default / opt-in |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t in opt_ins:
+            base = by_key.get((t["op"], t["layer"]["id"], t["dtype"], "triton"))
+            row = f"| {t['op']} | {t['layer']['id']} | {t['options']['float32_precision']} "
+            row += f"| {_fmt(_total(t))} | "
+            row += f"{_fmt(_total(base))} | {_total(base) / _total(t):.2f}x |" if base else " | |"
+            lines.append(row)
     lines += ["", "## Every launched kernel", ""]
     for s in scenarios:
         if s["provider"] != "triton":
@@ -556,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                  for dtype in ("float32", "bfloat16", "float16", "float64")]  # fmt: skip
         cases += [
             ("capsule_routing", mnist(128), "float32", {"bias": True, "detach_logits": True}),
+            ("capsule_routing", mnist(128), "float32", {"float32_precision": "high"}),
+            ("capsule_routing", mnist(128), "float32", {"float32_precision": "medium"}),
             ("predictions", mnist(32), "float32", {}),
             ("squash", mnist(32), "float32", {}),
         ]
@@ -569,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
             for layer in REPORT_LAYERS
             for dtype in ("float32", "bfloat16")
             if op in ("capsule_routing", "dynamic_routing") or layer.name == "mnist"
+        ]
+        cases += [  # the TF32 opt-ins of float32 (torch.set_float32_matmul_precision)
+            ("capsule_routing", mnist(b), "float32", {"float32_precision": precision})
+            for b in (32, 128)
+            for precision in ("high", "medium")
         ]
     origin = str(args.fastcaps_from.resolve()) if args.fastcaps_from else None
     jobs = [(op, layer, dtype, options, not options and not args.check, origin)

@@ -146,6 +146,7 @@ class Tiling:
     parent_chunks: int = 1
     dot_dtype: object = None  # the tl dtype of the u_hat dot's operands
     kp: int = 16  # Din padded to the dot's minimum K for dot_dtype
+    precision: str = "ieee"  # input_precision of float32 dots
 
     @property
     def programs(self) -> int:
@@ -169,7 +170,6 @@ class RoutingPlan:
     ja: int
     jb: int
     dp: int
-    precision: str
 
     @property
     def parent_chunks(self) -> int:
@@ -182,7 +182,7 @@ class RoutingPlan:
     def kernel_options(self, tiling: Tiling) -> dict:
         """The constexprs and launch options of a routing kernel with this tiling."""
         return dict(
-            KP=tiling.kp, JA=self.ja, JB=self.jb, DP=self.dp, PRECISION=self.precision,
+            KP=tiling.kp, JA=self.ja, JB=self.jb, DP=self.dp, PRECISION=tiling.precision,
             BLOCK_B=tiling.block_b, DOT_DTYPE=tiling.dot_dtype, num_warps=tiling.num_warps,
             **COMPILER_OPTIONS,
         )  # fmt: skip
@@ -317,8 +317,14 @@ def routing_plan(
     for name, tiling in (("forward", forward), ("backward", backward), ("pairs", pairs),
                          ("stats", stats)):  # fmt: skip
         operand = TORCH_DTYPES[tiling.dot_dtype]
-        tilings[name] = replace(tiling, kp=max(triton.next_power_of_2(d_in), min_dot_k(operand)))
-    return RoutingPlan(**tilings, ja=ja, jb=jb, dp=dp, precision=dot_precision(dtype))
+        # the backward partial kernel keeps full-precision float32 FMA dots whatever the
+        # setting, and the pairs kernel all but 1-pass TF32: their tensor-core layouts spill
+        precision = dot_precision(operand)
+        if name == "backward" or (name == "pairs" and precision == "tf32x3"):
+            precision = "ieee"
+        kp = max(triton.next_power_of_2(d_in), min_dot_k(operand))
+        tilings[name] = replace(tiling, kp=kp, precision=precision)
+    return RoutingPlan(**tilings, ja=ja, jb=jb, dp=dp)
 
 
 def store_coefficients(iterations: int, d_out: int) -> bool:
