@@ -6,11 +6,45 @@ most of the test suite's time. Inside a running kernel the language is already p
 launch patched it and restores it when the kernel ends), so the repeats are no-ops and can be
 skipped. ``skip_repatching()`` does that; it changes nothing when the interpreter's internals
 are not the ones it knows (the tests are then only slower).
+
+``scalar_loop_bounds()`` is a compatibility fix, installed whenever fastcaps loads its kernels
+under the interpreter: Triton 3.6's interpreter holds a kernel's scalars as 1-element arrays and
+turns them into Python ints with ``int(array)``, which NumPy >= 2.4 refuses, so any loop whose
+bounds come from ``tl.program_id`` (``for b in range(first, last)``) fails there. Newer Triton
+squeezes the array first; the fix does the same. Compiled kernels are unaffected.
 """
 
 from __future__ import annotations
 
-_STATE: dict = {"installed": False, "in_kernel": False, "patched": set()}
+_STATE: dict = {"installed": False, "in_kernel": False, "patched": set(), "index_fixed": False}
+
+
+def _scalar_index(self) -> int:
+    return int(self.handle.data.item())
+
+
+def scalar_loop_bounds() -> bool:
+    """Installs the ``__index__`` fix once; True when it is active."""
+    if _STATE["index_fixed"]:
+        return True
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except Exception:
+        return False
+    original = getattr(interpreter, "_patch_lang", None)
+    if original is None:
+        return False
+
+    def patch_with_scalar_index(fn):
+        scope = original(fn)
+        if hasattr(scope, "set_attr"):  # restored with the rest of the patch
+            scope.set_attr(tl.core.tensor, "__index__", _scalar_index)
+        return scope
+
+    interpreter._patch_lang = patch_with_scalar_index
+    _STATE["index_fixed"] = True
+    return True
 
 
 class _NoPatch:

@@ -77,6 +77,10 @@ def load_triton_ops() -> None:
             "traces; call fastcaps.backend.load_triton_ops() before compiling"
         )
     if triton_available():
+        if triton_interpreter_enabled():
+            from fastcaps._interpreter import scalar_loop_bounds
+
+            scalar_loop_bounds()
         for module in _TRITON_MODULES:
             importlib.import_module(module)
     _TRITON_STATE["loaded"] = True
