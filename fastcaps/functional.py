@@ -13,6 +13,8 @@ see ``fastcaps.backend``.
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from fastcaps import reference
@@ -107,7 +109,7 @@ def margin_loss(
     m_neg: float = 0.1,
     lam: float = 0.5,
 ) -> Tensor:
-    """Margin loss (Eq. 4) summed over classes, averaged over the batch.
+    """Margin loss (Eq. 4) summed over classes, averaged over the batch (0 for an empty batch).
 
     ``lengths`` [B, classes] are the output capsule lengths; ``target`` is [B] class indices or a
     [B, classes] one-hot (or soft) target.
@@ -136,17 +138,21 @@ def margin_loss(
 
 
 def reconstruction_loss(reconstructions: Tensor, images: Tensor, scale: float = 0.0005) -> Tensor:
-    """Sum of squared errors per image times ``scale`` (paper: 0.0005), averaged over the batch.
+    """Sum of squared errors per image times ``scale`` (paper: 0.0005), averaged over the batch
+    (0 for an empty batch).
 
     Both arguments are [B, ...] with the same number of values per sample.
     """
     for name, t in (("reconstructions", reconstructions), ("images", images)):
         if not isinstance(t, Tensor) or t.dim() < 1:
             raise ValueError(f"{name} must be a tensor of shape [B, ...], got {t!r:.80}")
-    if (
-        reconstructions.shape[0] != images.shape[0]
-        or reconstructions[0:1].numel() != images[0:1].numel()
-    ):
+    if not reconstructions.is_floating_point():
+        raise ValueError(
+            f"reconstructions must be a floating-point tensor, got dtype {reconstructions.dtype}"
+        )
+    if reconstructions.shape[0] != images.shape[0] or math.prod(
+        reconstructions.shape[1:]
+    ) != math.prod(images.shape[1:]):
         raise ValueError(
             "reconstructions and images must hold the same batch size and values per sample, got "
             f"{tuple(reconstructions.shape)} and {tuple(images.shape)}"

@@ -198,11 +198,20 @@ class CapsNet(nn.Module):
         """images [B, C, H, W] (values in [0, 1]); labels [B] class indices (used for the decoder
         mask in training mode)."""
         expected = (self.in_channels, self.image_size, self.image_size)
+        if not isinstance(images, Tensor):
+            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"images must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], "
                 f"got {tuple(images.shape)}"
             )
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be a floating-point tensor with values in [0, 1], got dtype "
+                f"{images.dtype} (for uint8 pixels use images.float() / 255)"
+            )
+        if labels is not None:
+            self._check_labels(labels, images.shape[0])
         features = F.relu(self.conv1(images), inplace=True)
         poses = self.digits(self.primary(features))
         lengths = poses.norm(dim=-1)
@@ -211,6 +220,28 @@ class CapsNet(nn.Module):
             chosen = labels if (self.training and labels is not None) else lengths.argmax(dim=1)
             reconstructions = self.decode(poses, chosen)
         return CapsNetOutput(lengths, poses, reconstructions)
+
+    def _check_labels(self, labels: Tensor, batch: int) -> None:
+        classes = self.digits.out_capsules
+        if (
+            not isinstance(labels, Tensor)
+            or labels.is_floating_point()
+            or labels.dtype == torch.bool
+            or tuple(labels.shape) != (batch,)
+        ):
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else labels
+            raise ValueError(
+                f"labels must be an integer tensor of shape [B] = ({batch},), got {got}"
+            )
+        if torch.compiler.is_compiling() or labels.is_cuda:
+            # a value check would wait for the GPU on every step; out-of-range indices there
+            # fail in the decoder's one_hot (a CUDA device-side assert) instead
+            return
+        if bool(((labels < 0) | (labels >= classes)).any()):
+            raise ValueError(
+                f"labels must be class indices in [0, {classes - 1}], got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
 
     def decode(self, poses: Tensor, classes: Tensor) -> Tensor:
         """Reconstructions [B, C * H * W] from the digit capsules [B, classes, digit_dim], all

@@ -86,6 +86,14 @@ BAD_CALLS = {
         lambda: fastcaps.reconstruction_loss(torch.rand(2, 10), torch.rand(2, 1, 3, 3)),
         r"reconstructions and images",
     ),
+    "recon-size-empty-batch": (
+        lambda: fastcaps.reconstruction_loss(torch.rand(0, 10), torch.rand(0, 1, 3, 3)),
+        r"reconstructions and images must hold .* \(0, 10\) and \(0, 1, 3, 3\)",
+    ),
+    "recon-int": (
+        lambda: fastcaps.reconstruction_loss(torch.ones(2, 9, dtype=torch.long), torch.rand(2, 9)),
+        r"reconstructions must be a floating-point tensor, got dtype torch.int64",
+    ),
 }
 
 
@@ -170,6 +178,24 @@ def test_every_backend_gives_the_same_layer(name):
         fastcaps.capsule_routing(u, weight, backend=name),
         fastcaps.reference.capsule_routing(u, weight),
     )
+
+
+def test_losses_of_an_empty_batch_are_zero_and_differentiable():
+    lengths = torch.rand(0, 10, requires_grad=True)
+    reconstructions = torch.rand(0, 784, requires_grad=True)
+    margin = fastcaps.margin_loss(lengths, torch.zeros(0, dtype=torch.long))
+    recon = fastcaps.reconstruction_loss(reconstructions, torch.rand(0, 1, 28, 28))
+    for loss, leaf in ((margin, lengths), (recon, reconstructions)):
+        assert loss.shape == () and loss.item() == 0.0
+        (grad,) = torch.autograd.grad(loss, leaf)
+        assert grad.shape == leaf.shape
+
+
+def test_losses_of_a_batch_are_the_mean_over_samples():
+    """The empty-batch rule must not change the mean of a real batch."""
+    lengths, labels = torch.rand(4, 10), torch.tensor([1, 5, 0, 9])
+    per_sample = [fastcaps.margin_loss(lengths[i : i + 1], labels[i : i + 1]) for i in range(4)]
+    torch.testing.assert_close(fastcaps.margin_loss(lengths, labels), sum(per_sample) / 4)
 
 
 def test_margin_loss_accepts_one_hot_targets():

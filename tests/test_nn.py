@@ -106,6 +106,33 @@ def test_capsnet_rejects_wrong_images():
         CapsNet(**SMALL)(torch.rand(2, 12, 12))
     with pytest.raises(ValueError, match=r"image_size = 8 is too small"):
         CapsNet(image_size=8)
+    with pytest.raises(ValueError, match=r"images must be a floating-point .* torch.uint8 .*/ 255"):
+        CapsNet(**SMALL)(torch.zeros(2, 1, 12, 12, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "labels,pattern",
+    [
+        (torch.tensor([0, 10]), r"labels must be class indices in \[0, 9\], got .*\[0, 10\]"),
+        (torch.tensor([-1, 3]), r"labels must be class indices in \[0, 9\], got .*\[-1, 3\]"),
+        (torch.tensor([0.0, 1.0]), r"labels must be an integer tensor of shape \[B\] = \(2,\)"),
+        (torch.tensor([0, 1, 2]), r"labels must be an integer tensor .* got torch.int64 \(3,\)"),
+    ],
+    ids=["too-large", "negative", "float", "wrong-batch"],
+)
+def test_capsnet_rejects_wrong_labels(labels, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        CapsNet(**SMALL).train()(torch.rand(2, 1, 12, 12), labels)
+
+
+def test_capsnet_runs_an_empty_batch():
+    model = CapsNet(**SMALL).train()
+    out = model(torch.rand(0, 1, 12, 12), torch.zeros(0, dtype=torch.long))
+    assert out.lengths.shape == (0, 10) and out.reconstructions.shape == (0, 144)
+    loss = fastcaps.margin_loss(out.lengths, torch.zeros(0, dtype=torch.long))
+    loss = loss + fastcaps.reconstruction_loss(out.reconstructions, torch.rand(0, 1, 12, 12))
+    loss.backward()
+    assert loss.item() == 0.0
 
 
 def test_capsnet_backends_agree():
