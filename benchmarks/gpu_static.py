@@ -146,8 +146,10 @@ def _inputs(op: str, layer: Layer, dtype, device: str, bias: bool = False):
         u_hat = torch.einsum("bik,ijdk->bijd", u, weight)
         extra = (leaf(0.1 * torch.randn(layer.Nout, layer.Dout, generator=g)),) if bias else ()
         return (leaf(u_hat), *extra)
-    return leaf(u), leaf(weight), *(
-        (leaf(0.1 * torch.randn(layer.Nout, layer.Dout, generator=g)),) if bias else ()
+    return (
+        leaf(u),
+        leaf(weight),
+        *((leaf(0.1 * torch.randn(layer.Nout, layer.Dout, generator=g)),) if bias else ()),
     )
 
 
@@ -361,9 +363,12 @@ def problems(scenarios: list[dict]) -> list[str]:
             half = s["dtype"] in ("bfloat16", "float16")
             # the fused layer's forward forms u_hat on the tensor cores for half inputs
             on_tensor_cores = r["kernel"] == "routing_forward_partial_kernel"
-            if half and on_tensor_cores and r["constexprs"].get("FROM_WEIGHT") and not r[
-                "tensor_instructions"
-            ]:
+            if (
+                half
+                and on_tensor_cores
+                and r["constexprs"].get("FROM_WEIGHT")
+                and not r["tensor_instructions"]
+            ):
                 found.append(f"{where}: {r['kernel']} has no tensor-core instruction")
             # at least one wave at B = 32 for kernels over 10 us (float64 is for tests only)
             fast_dtype = s["dtype"] != "float64"
@@ -416,10 +421,10 @@ def write_report(data: dict, out: Path) -> Path:
             continue
         t = by_key.get((op, layer_id, dtype, "torch"))
         row = f"| {op} | {layer_id} | {dtype} | {_fmt(_total(s))} | "
-        row += (f"{_fmt(_total(t))} | {_total(t) / _total(s):.2f}x |" if t else " | |")
+        row += f"{_fmt(_total(t))} | {_total(t) / _total(s):.2f}x |" if t else " | |"
         if baseline:
             b = baseline.get((op, layer_id, dtype, provider))
-            row += (f" {_fmt(_total(b))} | {_total(b) / _total(s):.1f}x |" if b else " | |")
+            row += f" {_fmt(_total(b))} | {_total(b) / _total(s):.1f}x |" if b else " | |"
         lines.append(row)
     opt_ins = [t for t in scenarios if t["options"].get("float32_precision")]
     if opt_ins:
@@ -427,7 +432,7 @@ def write_report(data: dict, out: Path) -> Path:
             "",
             "## Float32 dots on the tensor cores (opt-in, `torch.set_float32_matmul_precision`)",
             "",
-            "| op | layer | setting | triton us | default (\"highest\") us | default / opt-in |",
+            '| op | layer | setting | triton us | default ("highest") us | default / opt-in |',
             "|---|---|---|---|---|---|",
         ]
         for t in opt_ins:

@@ -17,11 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _math(t: Tensor) -> Tensor:
+    """float16/bfloat16 are computed in float32, like the other backends (eps = 1e-8 underflows
+    in float16 and squared norms overflow above 256)."""
+    return t.float() if t.dtype in HALF else t
+
 
 def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """Eq. 1: ``v = |s|^2 / (1 + |s|^2) * s / |s|``, with ``eps`` keeping s = 0 finite."""
-    n = (s * s).sum(dim=dim, keepdim=True)
-    return s * n / ((1 + n) * torch.sqrt(n + eps))
+    """Eq. 1: ``v = |s|^2 / (1 + |s|^2) * s / |s|``, with ``eps`` keeping s = 0 finite. (Plain:
+    in float32 ``(1 + n) sqrt(n + eps)`` overflows from |s| ~ 7e12, giving NaN; the other
+    backends are exact for every finite s.)"""
+    x = _math(s)
+    n = (x * x).sum(dim=dim, keepdim=True)
+    return (x * n / ((1 + n) * torch.sqrt(n + eps))).to(s.dtype)
 
 
 def predictions(u: Tensor, weight: Tensor) -> Tensor:
@@ -35,6 +46,7 @@ def dynamic_routing(
     bias: Tensor | None = None,
     *,
     detach_logits: bool = False,
+    eps: float = 1e-8,
 ) -> Tensor:
     """Procedure 1 (routing by agreement): [B, Nin, Nout, Dout] -> [B, Nout, Dout].
 
@@ -44,6 +56,9 @@ def dynamic_routing(
     ``detach_logits`` the logits are constants for backward, so gradients flow only through the
     final weighted sum.
     """
+    out_dtype = u_hat.dtype
+    u_hat = _math(u_hat)
+    bias = None if bias is None else bias.to(u_hat.dtype)
     batch, n_in, n_out, _ = u_hat.shape
     logits = u_hat.new_zeros(batch, n_in, n_out)
     for r in range(iterations):
@@ -51,11 +66,11 @@ def dynamic_routing(
         s = (c.unsqueeze(-1) * u_hat).sum(dim=1)
         if bias is not None:
             s = s + bias
-        v = squash(s)
+        v = squash(s, eps=eps)
         if r < iterations - 1:
             agreement = (u_hat * v.unsqueeze(1)).sum(dim=-1)
             logits = logits + (agreement.detach() if detach_logits else agreement)
-    return v
+    return v.to(out_dtype)
 
 
 def capsule_routing(
@@ -65,9 +80,12 @@ def capsule_routing(
     bias: Tensor | None = None,
     *,
     detach_logits: bool = False,
+    eps: float = 1e-8,
 ) -> Tensor:
     """A whole routing layer: ``dynamic_routing(predictions(u, weight), ...)``."""
-    return dynamic_routing(predictions(u, weight), iterations, bias, detach_logits=detach_logits)
+    return dynamic_routing(
+        predictions(u, weight), iterations, bias, detach_logits=detach_logits, eps=eps
+    )
 
 
 def margin_loss(
@@ -86,12 +104,15 @@ def margin_loss(
     target = target.to(lengths.dtype)
     present = target * F.relu(m_pos - lengths) ** 2
     absent = lam * (1 - target) * F.relu(lengths - m_neg) ** 2
-    return (present + absent).sum(dim=-1).mean()
+    return _batch_mean((present + absent).sum(dim=-1))
 
 
 def reconstruction_loss(reconstructions: Tensor, images: Tensor, scale: float = 0.0005) -> Tensor:
     """Sum of squared errors per image times ``scale``, averaged over the batch."""
-    diff = reconstructions.reshape(reconstructions.shape[0], -1) - images.reshape(
-        images.shape[0], -1
-    )
-    return scale * (diff * diff).sum(dim=1).mean()
+    diff = reconstructions.flatten(1) - images.flatten(1)
+    return scale * _batch_mean((diff * diff).sum(dim=1))
+
+
+def _batch_mean(per_sample: Tensor) -> Tensor:
+    """The mean over the batch; 0 for an empty batch (still connected to the graph)."""
+    return per_sample.sum() / max(per_sample.shape[0], 1)

@@ -18,11 +18,13 @@ Same semantics as ``fastcaps.reference`` but laid out for speed and memory:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
+
+from fastcaps import reference
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,27 +32,105 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def graph_grads(
+    fn: Callable[..., Tensor],
+    inputs: Sequence[Tensor | None],
+    grad_output: Tensor,
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, ...]:
+    """Gradients that can be differentiated again (backward with ``create_graph=True``): the
+    vector-Jacobian product of ``fn(*inputs)`` (a plain differentiable recomputation,
+    ``fastcaps.reference``) with a graph, for the inputs that ``needs`` (None for the others).
+    The recomputation runs in float64, so float32 inputs of any finite norm stay exact."""
+    with torch.enable_grad():
+        wide = [t.double() if isinstance(t, Tensor) and t.is_floating_point() else t
+                for t in inputs]  # fmt: skip
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        out = fn(*wide)
+        found = torch.autograd.grad(
+            out, wanted, grad_output.to(out.dtype), create_graph=True, allow_unused=True
+        )
+    found = iter(found)
+    return tuple(next(found) if need else None for need in needs)
+
+
+def routing_graph_grads(
+    ctx: FunctionCtx,
+    reference_op: Callable[..., Tensor],
+    inputs: Sequence[Tensor | None],
+    grad_v: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """``graph_grads`` of a routing op (``reference.dynamic_routing`` on (u_hat, bias) or
+    ``reference.capsule_routing`` on (u, weight, bias)) with the options saved on ``ctx``,
+    followed by None for iterations, detach_logits and eps."""
+
+    def routing(*tensors: Tensor | None) -> Tensor:
+        *layer_inputs, bias = tensors
+        return reference_op(
+            *layer_inputs, ctx.iterations, bias, detach_logits=ctx.detach_logits, eps=ctx.eps
+        )
+
+    grads = graph_grads(routing, inputs, grad_v, ctx.needs_input_grad[: len(inputs)])
+    return *grads, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # squash along the last dim
 # ----------------------------------------------------------------------------------------------
 
 
+def squash_factors(s: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """squash's pieces per vector of the last dim, for any finite s without overflow.
+
+    With r = |s| and u = s / r (0 for a zero vector): squash(s) = g(r) u, where
+    ``g(r) = r^3 / ((1 + r^2) sqrt(r^2 + eps))`` is the output length; f = g / r (so
+    squash(s) = f s) and
+    ``g' = dg/dr = r^2 (2 r^2 + 3 eps + eps r^2) / ((1 + r^2)^2 (r^2 + eps)^1.5)``. The norm is
+    taken of s scaled by its largest entry, and for r >= 1 every factor is written in powers of
+    1/r, so no square or cube of r is ever formed. Returns (u, f, g, g'), the last three
+    [..., 1].
+    """
+    m = s.abs().amax(dim=-1, keepdim=True)
+    one = torch.ones_like(m)
+    t = s / torch.where(m > 0, m, one)
+    t_norm = torch.sqrt((t * t).sum(dim=-1, keepdim=True))
+    u = t / torch.where(m > 0, t_norm, one)
+    # r = m t_norm overflows near the dtype's max: form it only below m = 1, and 1 / r as a
+    # quotient of quotients
+    r = torch.clamp(m, max=1.0) * t_norm
+    big = (m >= 1) | (r >= 1)
+    # each branch sees only its own range, so neither overflows where it is not used
+    zero = torch.zeros_like(r)
+    inv_big = 1 / torch.where(big, m, one) / torch.where(big, t_norm, one)
+    q = inv_big * inv_big  # r >= 1: powers of 1/r
+    root_q = torch.sqrt(1 + eps * q)
+    g_big = 1 / ((1 + q) * root_q)
+    dg_big = (2 + eps + 3 * eps * q) * q * inv_big / ((1 + q) * (1 + q) * (1 + eps * q) * root_q)
+    r_small = torch.where(big, zero, r)
+    n = r_small * r_small  # r < 1: powers of n = r^2
+    root_n = torch.sqrt(n + eps)
+    f_small = n / ((1 + n) * root_n)  # g / r directly: 1 / r overflows for subnormal r
+    # the ratio first: n * eps underflows to a subnormal for tiny r
+    dg_small = f_small / (1 + n) * ((2 * n + 3 * eps + eps * n) / (n + eps))
+    g = torch.where(big, g_big, r_small * f_small)
+    f = torch.where(big, g_big * inv_big, f_small)
+    return u, f, g, torch.where(big, dg_big, dg_small)
+
+
 def squash_forward(s: Tensor, eps: float) -> Tensor:
-    """v = s * n / ((1 + n) * sqrt(n + eps)), n = |s|^2 over the last dim."""
-    n = (s * s).sum(dim=-1, keepdim=True)
-    return s * (n / ((1 + n) * torch.sqrt(n + eps)))
+    """v = s * n / ((1 + n) * sqrt(n + eps)), n = |s|^2 over the last dim, as ``g(|s|) s / |s|``
+    (``squash_factors``): exact to the dtype's precision for every finite s."""
+    u, _, g, _ = squash_factors(s, eps)
+    return g * u
 
 
 def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
-    """Gradient of ``squash_forward`` w.r.t. s: ``f(n) gv + 2 f'(n) (s . gv) s``.
-
-    ``f'(n) = (2 eps + n - n^2) / (2 (1 + n)^2 (n + eps)^1.5)`` is finite at n = 0.
-    """
-    n = (s * s).sum(dim=-1, keepdim=True)
-    root = torch.sqrt(n + eps)
-    f = n / ((1 + n) * root)
-    df = (2 * eps + n - n * n) / (2 * (1 + n) ** 2 * (n + eps) * root)
-    return f * grad_v + (2 * df * (s * grad_v).sum(dim=-1, keepdim=True)) * s
+    """Gradient of ``squash_forward`` w.r.t. s, as a tangential and a radial part, each from a
+    well-conditioned formula: ``f (gv - (u . gv) u) + g'(|s|) (u . gv) u`` with u = s / |s| (the
+    plain ``f gv + 2 f'(n) (s . gv) s`` cancels catastrophically for |s| >> 1). 0 at s = 0."""
+    u, f, _, dg = squash_factors(s, eps)
+    radial = (u * grad_v).sum(dim=-1, keepdim=True)
+    return f * (grad_v - radial * u) + dg * radial * u
 
 
 class SquashFunction(torch.autograd.Function):
@@ -61,9 +141,11 @@ class SquashFunction(torch.autograd.Function):
         return squash_forward(s.to(compute_dtype(s.dtype)), eps).to(s.dtype)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_v: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: FunctionCtx, grad_v: Tensor) -> tuple[Tensor | None, None]:
         (s,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+            squash_last = lambda x: reference.squash(x, eps=ctx.eps)  # noqa: E731
+            return graph_grads(squash_last, (s,), grad_v, (True,))[0], None
         dtype = compute_dtype(s.dtype)
         grad_s = squash_backward(s.to(dtype), grad_v.to(dtype), ctx.eps)
         return grad_s.to(s.dtype), None
@@ -208,9 +290,9 @@ def _bias_grad(ctx: FunctionCtx, grad_s_total: Tensor, bias_index: int) -> Tenso
 
 
 def _save_routing_options(
-    ctx: FunctionCtx, bias: Tensor | None, detach_logits: bool, eps: float
+    ctx: FunctionCtx, bias: Tensor | None, iterations: int, detach_logits: bool, eps: float
 ) -> None:
-    ctx.detach_logits, ctx.eps = detach_logits, eps
+    ctx.iterations, ctx.detach_logits, ctx.eps = iterations, detach_logits, eps
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -220,7 +302,8 @@ def _routing_backward(ctx: FunctionCtx, child_major: Tensor, s_all: Tensor, grad
     grad_s_total = route_backward(
         pairs_view(child_major),
         s_all,
-        grad_v.to(s_all.dtype),
+        # any strides (a transposed or expanded incoming gradient) as one contiguous tensor
+        grad_v.to(s_all.dtype).contiguous(),
         ctx.detach_logits,
         ctx.eps,
         out=pairs_view(grad_child),
@@ -245,14 +328,15 @@ class DynamicRoutingFunction(torch.autograd.Function):
         bias_c = None if bias is None else bias.to(dtype)
         batch, _, n_out, _ = u_hat.shape
         v, s_all = route_forward(pairs_view(child_major), batch, n_out, bias_c, iterations, eps)
-        ctx.save_for_backward(u_hat, s_all)
-        _save_routing_options(ctx, bias, detach_logits, eps)
+        ctx.save_for_backward(u_hat, s_all, bias)
+        _save_routing_options(ctx, bias, iterations, detach_logits, eps)
         return v.to(u_hat.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad_v: Tensor):
-        u_hat, s_all = ctx.saved_tensors
+        u_hat, s_all, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+            return routing_graph_grads(ctx, reference.dynamic_routing, (u_hat, bias), grad_v)
         child_major = _child_major_copy(u_hat, s_all.dtype)
         grad_child, grad_s_total = _routing_backward(ctx, child_major, s_all, grad_v)
         grad_u_hat = grad_child.transpose(0, 1).to(u_hat.dtype) if ctx.needs_input_grad[0] else None
@@ -284,14 +368,15 @@ class CapsuleRoutingFunction(torch.autograd.Function):
         bias_c = None if bias is None else bias.to(dtype)
         batch, n_out = u.shape[0], weight.shape[1]
         v, s_all = route_forward(pairs_view(child_major), batch, n_out, bias_c, iterations, eps)
-        ctx.save_for_backward(u, weight, s_all)
-        _save_routing_options(ctx, bias, detach_logits, eps)
+        ctx.save_for_backward(u, weight, s_all, bias)
+        _save_routing_options(ctx, bias, iterations, detach_logits, eps)
         return v.to(u.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad_v: Tensor):
-        u, weight, s_all = ctx.saved_tensors
+        u, weight, s_all, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+            return routing_graph_grads(ctx, reference.capsule_routing, (u, weight, bias), grad_v)
         u_c, weight_c = u.to(s_all.dtype), weight.to(s_all.dtype)
         child_major = child_major_predictions(u_c, weight_c)
         grad_child, grad_s_total = _routing_backward(ctx, child_major, s_all, grad_v)

@@ -58,7 +58,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastcaps import reference
 from fastcaps.backend import register_triton_op
+from fastcaps.torch_backend import routing_graph_grads
 from fastcaps.triton_routing import (
     PairSource,
     bias_grad,
@@ -109,14 +111,16 @@ def _(u, weight, s_all, V_all, grad_v, detach_logits, eps):
 
 
 def _setup_capsule_routing(ctx, inputs: tuple, output: tuple) -> None:
-    u, weight, bias, _, detach_logits, eps = inputs
+    u, weight, bias, iterations, detach_logits, eps = inputs
     _, s_all, V_all = output
-    ctx.save_for_backward(u, weight, s_all, V_all)
-    save_routing_options(ctx, bias, detach_logits, eps)
+    ctx.save_for_backward(u, weight, s_all, V_all, bias)
+    save_routing_options(ctx, bias, iterations, detach_logits, eps)
 
 
 def _capsule_routing_grad(ctx, grad_v: Tensor, _grad_s_all, _grad_V_all):
-    u, weight, s_all, V_all = ctx.saved_tensors
+    u, weight, s_all, V_all, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+        return routing_graph_grads(ctx, reference.capsule_routing, (u, weight, bias), grad_v)
     grad_u, grad_weight, grad_s_all = capsule_routing_backward_op(
         u, weight, s_all, V_all, grad_v, ctx.detach_logits, ctx.eps
     )

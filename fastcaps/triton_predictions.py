@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastcaps import reference
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.predictions import (
     predictions_forward_kernel,
     predictions_grad_input_kernel,
     predictions_grad_weight_kernel,
 )
+from fastcaps.torch_backend import graph_grads
 from fastcaps.triton_launch import COMPILER_OPTIONS, batch_chunks, compute_dtype, pair_tiles
 
 
@@ -110,6 +112,8 @@ def _setup_predictions(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _predictions_grad(ctx, grad_u_hat: Tensor) -> tuple[Tensor | None, Tensor | None]:
     u, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+        return graph_grads(reference.predictions, (u, weight), grad_u_hat, ctx.needs_input_grad)
     need_u, need_weight = ctx.needs_input_grad
     grad_u, grad_weight = predictions_backward_op(grad_u_hat, u, weight, need_u, need_weight)
     return (grad_u if need_u else None), (grad_weight if need_weight else None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastcaps import torch_backend
+from fastcaps import reference, torch_backend
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.routing import (
     routing_backward_combine_kernel,
@@ -28,6 +28,7 @@ from fastcaps.kernels.routing import (
     routing_output_grad_kernel,
     routing_softmax_stats_kernel,
 )
+from fastcaps.torch_backend import routing_graph_grads
 from fastcaps.triton_launch import (
     COMPILER_OPTIONS,
     RoutingPlan,
@@ -297,8 +298,10 @@ def routing_state_fake(batch: int, n_out: int, d_out: int, iterations: int, like
     return v, s_all, torch.empty_like(s_all)
 
 
-def save_routing_options(ctx, bias: Tensor | None, detach_logits: bool, eps: float) -> None:
-    ctx.detach_logits, ctx.eps = detach_logits, eps
+def save_routing_options(
+    ctx, bias: Tensor | None, iterations: int, detach_logits: bool, eps: float
+) -> None:
+    ctx.iterations, ctx.detach_logits, ctx.eps = iterations, detach_logits, eps
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -340,14 +343,16 @@ def _(u_hat, s_all, V_all, grad_v, detach_logits, eps, need_u_hat):
 
 
 def _setup_dynamic_routing(ctx, inputs: tuple, output: tuple) -> None:
-    u_hat, bias, _, detach_logits, eps = inputs
+    u_hat, bias, iterations, detach_logits, eps = inputs
     _, s_all, V_all = output
-    ctx.save_for_backward(u_hat, s_all, V_all)
-    save_routing_options(ctx, bias, detach_logits, eps)
+    ctx.save_for_backward(u_hat, s_all, V_all, bias)
+    save_routing_options(ctx, bias, iterations, detach_logits, eps)
 
 
 def _dynamic_routing_grad(ctx, grad_v: Tensor, _grad_s_all, _grad_V_all):
-    u_hat, s_all, V_all = ctx.saved_tensors
+    u_hat, s_all, V_all, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+        return routing_graph_grads(ctx, reference.dynamic_routing, (u_hat, bias), grad_v)
     need_u_hat = ctx.needs_input_grad[0]
     grad_u_hat, grad_s_all = dynamic_routing_backward_op(
         u_hat, s_all, V_all, grad_v, ctx.detach_logits, ctx.eps, need_u_hat

@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastcaps import reference
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.squash import squash_backward_kernel, squash_forward_kernel
+from fastcaps.torch_backend import graph_grads
 from fastcaps.triton_launch import COMPILER_OPTIONS, compute_dtype, row_launch
 
 
@@ -76,6 +78,9 @@ def _setup_squash(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _squash_grad(ctx, grad_v: Tensor) -> tuple[Tensor, None]:
     (s,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+        squash_last = lambda x: reference.squash(x, eps=ctx.eps)  # noqa: E731
+        return graph_grads(squash_last, (s,), grad_v, (True,))[0], None
     return squash_backward_op(s, grad_v, ctx.eps), None
 
 

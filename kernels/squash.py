@@ -1,8 +1,10 @@
 """squash over the last dim of a [rows, D] view: forward and backward, one row block per program.
 
-``v = s * f(n)``, ``n = |s|^2``, ``f(n) = n / ((1 + n) sqrt(n + eps))``; backward
-``gs = f gv + 2 f'(n) (s . gv) s`` with ``f'(n) = (2 eps + n - n^2) / (2 (1 + n)^2 (n + eps)^1.5)``,
-finite at n = 0. Math in COMPUTE_DTYPE (float32, or float64 for float64 inputs); offsets in int64.
+``v = s * n / ((1 + n) sqrt(n + eps))`` with ``n = |s|^2``, evaluated as ``g(r) u`` (r = |s|,
+u = s / r) from a scaled norm and, for r >= 1, powers of 1/r, so that no square or cube of r
+overflows: exact to the dtype's precision for every finite s. The gradient is a tangential plus
+a radial part (``squash_rows_backward``); both are 0 at s = 0. Divisions and square roots are
+IEEE round-to-nearest. Math in COMPUTE_DTYPE (float32, or float64 for float64); offsets int64.
 """
 
 import triton
@@ -44,21 +46,53 @@ def sqrt_rn(x):
 
 
 @triton.jit
+def squash_factors(s, eps):
+    """squash's pieces for every row of a [rows, D] block, for any finite s without overflow
+    (see ``fastcaps.torch_backend.squash_factors``, the same formulas): u = s / |s| [rows, D]
+    (0 for a zero row), and per row [rows] f = g / |s|, g = |v| and g' = dg/d|s|."""
+    m = tl.max(tl.abs(s), axis=1)
+    # divide each entry (1 / m overflows for a subnormal m)
+    t = div_rn(s, tl.where(m > 0, m, 1.0)[:, None])
+    t_norm = sqrt_rn(tl.sum(t * t, axis=1))
+    u = t * div_rn(tl.full(m.shape, 1.0, m.dtype), tl.where(m > 0, t_norm, 1.0))[:, None]
+    # r = m t_norm overflows near the dtype's max: form it only below m = 1, and 1 / r as a
+    # quotient of quotients
+    r = tl.minimum(m, 1.0) * t_norm
+    big = (m >= 1.0) | (r >= 1.0)
+    # each branch sees only its own range, so neither overflows where it is not used
+    inv_m = div_rn(tl.full(m.shape, 1.0, m.dtype), tl.where(big, m, 1.0))
+    inv_big = tl.where(big, div_rn(inv_m, tl.where(big, t_norm, 1.0)), 0.0)
+    q = inv_big * inv_big  # r >= 1: powers of 1/r
+    root_q = sqrt_rn(1.0 + eps * q)
+    g_big = div_rn(tl.full(m.shape, 1.0, m.dtype), (1.0 + q) * root_q)
+    dg_big = div_rn((2.0 + eps + 3.0 * eps * q) * q * inv_big,
+                    (1.0 + q) * (1.0 + q) * (1.0 + eps * q) * root_q)  # fmt: skip
+    r_small = tl.where(big, 0.0, r)
+    n = r_small * r_small  # r < 1: powers of n = r^2
+    root_n = sqrt_rn(n + eps)
+    f_small = div_rn(n, (1.0 + n) * root_n)  # g / r directly: 1 / r overflows for subnormal r
+    # the ratio first: n * eps underflows to a subnormal for tiny r
+    dg_small = div_rn(f_small, 1.0 + n) * div_rn(2.0 * n + 3.0 * eps + eps * n, n + eps)
+    g = tl.where(big, g_big, r_small * f_small)
+    f = tl.where(big, g_big * inv_big, f_small)
+    return u, f, g, tl.where(big, dg_big, dg_small)
+
+
+@triton.jit
 def squash_rows(s, eps):
-    """v for every row of a [rows, D] block (in the block's dtype). Division and square root are
-    IEEE round-to-nearest (``/`` and ``tl.sqrt`` compile to approximate instructions on GPUs)."""
-    n = tl.sum(s * s, axis=1)
-    return s * div_rn(n, (1.0 + n) * sqrt_rn(n + eps))[:, None]
+    """v for every row of a [rows, D] block (in the block's dtype): ``g(|s|) s / |s|``, exact
+    to the dtype's precision for every finite s."""
+    u, _f, g, _dg = squash_factors(s, eps)
+    return u * g[:, None]
 
 
 @triton.jit
 def squash_rows_backward(s, grad_v, eps):
-    """grad s for every row of a [rows, D] block, given grad v (IEEE division and square root)."""
-    n = tl.sum(s * s, axis=1)
-    root = sqrt_rn(n + eps)
-    f = div_rn(n, (1.0 + n) * root)
-    df = div_rn(2.0 * eps + n - n * n, 2.0 * (1.0 + n) * (1.0 + n) * (n + eps) * root)
-    return f[:, None] * grad_v + (2.0 * df * tl.sum(s * grad_v, axis=1))[:, None] * s
+    """grad s for every row of a [rows, D] block, given grad v: a tangential plus a radial part,
+    ``f (gv - (u . gv) u) + g' (u . gv) u``, each well conditioned."""
+    u, f, _g, dg = squash_factors(s, eps)
+    radial = tl.sum(u * grad_v, axis=1)[:, None]
+    return f[:, None] * (grad_v - radial * u) + (dg[:, None] * radial) * u
 
 
 @triton.jit
