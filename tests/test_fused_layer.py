@@ -40,7 +40,7 @@ def saved_tensors(backend: str, u, weight, bias) -> list[torch.Tensor]:
 def test_fused_layer_saves_only_inputs_and_per_iteration_state():
     u, weight, bias = make_layer_inputs(SHAPE, torch.float32, DEVICE, bias=True)
     saved = saved_tensors("triton", u, weight, bias)
-    inputs = {t.data_ptr() for t in (u, weight)}
+    inputs = {t.data_ptr() for t in (u, weight, bias)}  # bias: for a double backward
     state = [tuple(t.shape) for t in saved if t.data_ptr() not in inputs]
     assert state == [(3, SHAPE.B, SHAPE.Nout, SHAPE.Dout)] * 2  # s and V of every iteration
     assert {t.data_ptr() for t in saved} >= inputs
