@@ -1,7 +1,9 @@
 """MNIST-style IDX datasets: reading, verification, download, augmentation.
 
-Files are looked up in ``root`` (default ``$FASTCAPS_DATA``, else ``~/.cache/fastcaps/<name>``)
-as ``<file>.gz`` or raw ``<file>``. Every file is verified by the MD5 of its decompressed IDX
+A data root (``root``, else ``$FASTCAPS_DATA``, else ``~/.cache/fastcaps/<name>``) is either the
+folder holding a dataset's files or a folder holding one folder per dataset (``mnist/``,
+``fashion-mnist/``); ``dataset_folder`` picks the folder, where files are looked up as
+``<file>.gz`` or raw ``<file>``. Every file is verified by the MD5 of its decompressed IDX
 data (which also holds for archives recompressed by a mirror). Missing files are downloaded from a
 mirror list into a temporary file beside the target, verified, then renamed into place, so an
 interrupted or corrupt download never leaves a half-written file behind.
@@ -92,6 +94,29 @@ def default_root(dataset: IdxDataset = MNIST) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fastcaps" / dataset.name
 
 
+def _spec(dataset: IdxDataset | str) -> IdxDataset:
+    if isinstance(dataset, IdxDataset):
+        return dataset
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+    return DATASETS[dataset]
+
+
+def dataset_folder(dataset: IdxDataset | str, root: str | os.PathLike | None = None) -> Path:
+    """The absolute folder that holds (or will receive) ``dataset``'s files under a data root
+    (default ``default_root``): ``root/<name>`` when that folder exists; else, when ``root`` is
+    another known dataset's folder (``.../mnist`` asked for Fashion-MNIST) with a sibling
+    ``<name>`` folder, that sibling; else ``root`` itself."""
+    spec = _spec(dataset)
+    root = (Path(root) if root is not None else default_root(spec)).expanduser().absolute()
+    if (root / spec.name).is_dir():
+        return root / spec.name
+    sibling = root.parent / spec.name
+    if root.name in DATASETS and root.name != spec.name and sibling.is_dir():
+        return sibling
+    return root
+
+
 # ----------------------------------------------------------------------------------------------
 # IDX files
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +204,19 @@ def _find(root: Path, name: str) -> Path | None:
     return None
 
 
+class WrongDatasetError(DatasetError):
+    """A data file is intact but belongs to another known dataset."""
+
+
+def _known_file(md5: str) -> tuple[str, str] | None:
+    """(dataset name, file name) of a known dataset's file with this MD5."""
+    for spec in DATASETS.values():
+        for name, expected in spec.md5.items():
+            if expected == md5:
+                return spec.name, name
+    return None
+
+
 def _verified_array(path: Path, md5: str, source: str | None = None) -> np.ndarray:
     """The array in ``path`` after checking the MD5 of its decompressed data."""
     source = source or str(path)
@@ -186,11 +224,27 @@ def _verified_array(path: Path, md5: str, source: str | None = None) -> np.ndarr
     array = parse_idx(data, source)
     actual = hashlib.md5(data).hexdigest()
     if actual != md5:
+        found, wanted = _known_file(actual), _known_file(md5)
+        if found is not None and wanted is not None and found[0] != wanted[0]:
+            raise WrongDatasetError(
+                f"{source} is {found[0]}'s {found[1]}, not {wanted[0]}'s: this folder holds "
+                f"{found[0]}. Point --data-dir or ${ENV_VAR} at the {wanted[0]} files, or at a "
+                f"folder with one folder per dataset ({', '.join(DATASETS)})"
+            )
         raise DatasetError(
             f"{source} fails its checksum: MD5 of the decompressed data is {actual}, "
             f"expected {md5}; it is corrupt or not the canonical file"
         )
     return array
+
+
+def _how_to_provide(spec: IdxDataset, folder: Path) -> str:
+    names = ", ".join(f"{name}.gz" for split in spec.files.values() for name in split)
+    return (
+        f"{spec.name} needs the four files {names}. Either copy them into {folder}, or point "
+        f"--data-dir or ${ENV_VAR} at a folder holding them (or at a folder with one folder per "
+        f"dataset: {', '.join(DATASETS)})"
+    )
 
 
 def download_file(
@@ -213,13 +267,13 @@ def download_file(
             os.replace(tmp, target)
             return target
         except (OSError, urllib.error.URLError, DatasetError) as err:
-            failures.append(f"  {url}: {err}")
+            failures.append(f"{url}: {err}")
         finally:
             Path(tmp).unlink(missing_ok=True)
     raise DatasetError(
-        f"could not download {name}.gz into {root}:\n"
-        + "\n".join(failures)
-        + f"\nIf this machine is offline, copy the file there or point ${ENV_VAR} at a folder "
+        f"could not download {name}.gz into {root} ("
+        + "; ".join(failures)
+        + f").\nIf this machine is offline, copy the file there or point ${ENV_VAR} at a folder "
         "holding it"
     )
 
@@ -232,24 +286,29 @@ def load_idx_dataset(
     mirrors: Sequence[str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Images [N, H, W] uint8 and labels [N] int64 of one split ("train" or "test")."""
-    if isinstance(dataset, str):
-        if dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
-        dataset = DATASETS[dataset]
+    dataset = _spec(dataset)
     if split not in dataset.files:
         raise ValueError(f"split must be one of {sorted(dataset.files)}, got {split!r}")
-    root = Path(root) if root is not None else default_root(dataset)
+    root = dataset_folder(dataset, root)
     arrays = []
     for name in dataset.files[split]:
         path = _find(root, name)
         if path is None:
             if not download:
-                raise DatasetError(f"{name}(.gz) is missing from {root} and download=False")
-            path = download_file(name, root, dataset.md5[name], mirrors or dataset.mirrors)
+                raise DatasetError(
+                    f"{name}(.gz) is missing from {root} and download=False. "
+                    + _how_to_provide(dataset, root)
+                )
+            try:
+                path = download_file(name, root, dataset.md5[name], mirrors or dataset.mirrors)
+            except DatasetError as err:
+                raise DatasetError(f"{err}\n{_how_to_provide(dataset, root)}") from None
         try:
             arrays.append(_verified_array(path, dataset.md5[name]))
+        except WrongDatasetError:
+            raise
         except DatasetError as err:
-            raise DatasetError(f"{err}. Delete it to download it again") from err
+            raise DatasetError(f"{err}. Delete it to download it again") from None
     images, labels = arrays
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(
@@ -268,6 +327,12 @@ def load_mnist(
 # ----------------------------------------------------------------------------------------------
 # splits and augmentation
 # ----------------------------------------------------------------------------------------------
+
+
+def to_images(raw: Tensor) -> Tensor:
+    """uint8 [B, H, W] or [B, C, H, W] -> float [B, C, H, W] in [0, 1]."""
+    images = raw.float().div_(255)
+    return images.unsqueeze(1) if images.dim() == 3 else images
 
 
 def train_val_split(n: int, val_size: int, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,20 @@ if not torch.cuda.is_available():
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_DIR = REPO.parent / "shared" / "mnist"
+
+
+def data_folder(name: str) -> Path:
+    """A dataset's folder: under $FASTCAPS_DATA when set (a dataset folder or a root of them),
+    else ../shared/<name> beside the repository."""
+    if os.environ.get("FASTCAPS_DATA"):
+        from fastcaps.data import dataset_folder
+
+        return dataset_folder(name, os.environ["FASTCAPS_DATA"])
+    return REPO.parent / "shared" / name
+
+
+MNIST_DIR = data_folder("mnist")
+FASHION_DIR = data_folder("fashion-mnist")
 
 # Backend results in these dtypes are compared with fastcaps.reference run in float64 on the same
 # (upcast) inputs; (atol, rtol) per dtype.

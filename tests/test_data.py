@@ -122,6 +122,33 @@ def test_default_root_follows_the_environment(monkeypatch, tmp_path):
     )
 
 
+def test_dataset_folder_is_the_folder_or_its_dataset_subfolder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "root" / "mnist").mkdir(parents=True)
+    assert data.dataset_folder("mnist", "root") == tmp_path / "root" / "mnist"  # absolute
+    assert data.dataset_folder("mnist", tmp_path / "root" / "mnist") == tmp_path / "root" / "mnist"
+    # a folder named after another dataset, with the asked dataset beside it
+    assert data.dataset_folder("fashion-mnist", tmp_path / "root" / "mnist") == (
+        tmp_path / "root" / "mnist"
+    )
+    (tmp_path / "root" / "fashion-mnist").mkdir()
+    assert data.dataset_folder("fashion-mnist", tmp_path / "root" / "mnist") == (
+        tmp_path / "root" / "fashion-mnist"
+    )
+    assert data.dataset_folder("mnist", tmp_path / "empty") == tmp_path / "empty"
+    monkeypatch.setenv("FASTCAPS_DATA", str(tmp_path / "root"))
+    assert data.dataset_folder("fashion-mnist") == tmp_path / "root" / "fashion-mnist"
+
+
+@needs_mnist
+def test_another_known_datasets_file_is_reported_as_such(tmp_path):
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").symlink_to(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    (tmp_path / "t10k-images-idx3-ubyte.gz").symlink_to(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(data.WrongDatasetError, match=r"is mnist's t10k-images-idx3-ubyte, not "
+                       r"fashion-mnist's: this folder holds mnist"):  # fmt: skip
+        data.load_idx_dataset("fashion-mnist", "test", tmp_path, download=False)
+
+
 @pytest.fixture
 def loopback_server(tmp_path):
     """An HTTP server on 127.0.0.1 serving tmp_path / "served"; yields (folder, base url)."""
