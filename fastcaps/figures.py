@@ -13,13 +13,16 @@ writes into RUN_DIR:
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from fastcaps.data import DatasetError, load_idx_dataset, to_images
 from fastcaps.nn import CapsNet
+from fastcaps.runs import METRICS, CheckpointError, RunFolderError, read_config, read_jsonl
 
 TWEAKS = torch.arange(-5, 6) * 0.05  # -0.25 .. 0.25
 
@@ -141,13 +144,11 @@ def draw_perturbation(model: CapsNet, images: Tensor, path: Path, count: int = 2
 
 def draw_figures(run_dir: Path, model: CapsNet, images: Tensor, labels: Tensor) -> list[Path]:
     """All three figures into ``run_dir``; ``images`` are uint8 or float test images."""
-    from fastcaps.training import read_jsonl, to_images
-
     run_dir = Path(run_dir)
     model.eval()
     sample = images[:32]
     sample = to_images(sample) if not sample.is_floating_point() else sample
-    written = [draw_curves(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "curves.png")]
+    written = [draw_curves(read_jsonl(run_dir / METRICS), run_dir / "curves.png")]
     if model.decoder is not None and len(sample):
         written.append(draw_reconstructions(model, sample, run_dir / "reconstructions.png"))
         written.append(draw_perturbation(model, sample, run_dir / "perturbation.png"))
@@ -155,24 +156,32 @@ def draw_figures(run_dir: Path, model: CapsNet, images: Tensor, labels: Tensor) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fastcaps.data import load_idx_dataset
-
-    parser = argparse.ArgumentParser(description="Redraw the figures of a training run.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastcaps.figures", description="Redraw the figures of a training run."
+    )
     parser.add_argument("run_dir", type=Path, help="folder with metrics.jsonl and checkpoints")
     parser.add_argument("--checkpoint", default="best.pt", help="file name inside run_dir")
-    parser.add_argument("--data-dir", default=None, help="default: the run's data dir")
+    parser.add_argument(
+        "--data-dir", default=None, help="data folder or root; default: the run's data folder"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    checkpoint = args.run_dir / args.checkpoint
-    if not checkpoint.is_file():
-        parser.error(f"checkpoint: no such file {checkpoint}")
-    config = json.loads((args.run_dir / "config.json").read_text())
-    model = CapsNet.from_checkpoint(checkpoint, map_location=args.device, backend="torch")
-    images, labels = load_idx_dataset(
-        config["dataset"], "test", args.data_dir or config.get("data_dir")
-    )
-    for path in draw_figures(args.run_dir, model, images[:32].to(args.device), labels[:32]):
-        print(f"wrote {path}")
+    try:
+        config = read_config(args.run_dir)
+        data_dir = args.data_dir or config.get("data_dir")
+        if args.data_dir is None and not (data_dir and Path(data_dir).is_absolute()):
+            parser.error("the run's config.json names no absolute data folder; pass --data-dir")
+        model = CapsNet.from_checkpoint(
+            args.run_dir / args.checkpoint, map_location=args.device, backend="torch"
+        )
+        images, labels = load_idx_dataset(config["dataset"], "test", data_dir, download=False)
+        written = draw_figures(args.run_dir, model, images[:32].to(args.device), labels[:32])
+    except (CheckpointError, RunFolderError, DatasetError) as err:
+        if os.environ.get("FASTCAPS_DEBUG") == "1":
+            raise
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    for path in written:
+        print(f"wrote {path}", file=sys.stdout)
 
 
 if __name__ == "__main__":

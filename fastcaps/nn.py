@@ -253,8 +253,10 @@ class CapsNet(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
-        """Class, capsule lengths and pose vectors for images [B, C, H, W] in [0, 1] (eval mode,
-        no grad; the module's training flag is restored)."""
+        """Class, capsule lengths and pose vectors of images: uint8 pixels in 0..255 or floats in
+        [0, 1], shaped [B, C, H, W] or (one channel) [B, H, W]. Eval mode, no grad; the module's
+        training flag is restored."""
+        images = self.prepare_images(images)
         was_training = self.training
         self.eval()
         try:
@@ -263,6 +265,28 @@ class CapsNet(nn.Module):
             self.train(was_training)
         return Prediction(out.lengths.argmax(dim=1), out.lengths, out.poses)
 
+    def prepare_images(self, images: Tensor) -> Tensor:
+        """uint8 [B, H, W] / [B, C, H, W] in 0..255, or float in [0, 1] -> the float
+        [B, C, H, W] in [0, 1] that ``forward`` takes (in the parameters' dtype)."""
+        if not isinstance(images, Tensor):
+            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        if images.dtype == torch.uint8:
+            return images.to(self.conv1.weight.dtype).div_(255)
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be uint8 pixels in 0..255 or floats in [0, 1], got dtype "
+                f"{images.dtype}"
+            )
+        if images.numel() and not bool(((images >= 0) & (images <= 1)).all()):
+            raise ValueError(
+                f"float images must have values in [0, 1], got values in "
+                f"[{images.min().item():.4g}, {images.max().item():.4g}]; divide 0..255 pixels "
+                "by 255 (or pass them as uint8)"
+            )
+        return images
+
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -270,11 +294,9 @@ class CapsNet(nn.Module):
     ) -> CapsNet:  # fmt: skip
         """A CapsNet rebuilt from a checkpoint written by ``fastcaps.training`` (loaded with
         ``weights_only=True``), in eval mode."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
-            raise ValueError(
-                f"{path} is not a fastcaps training checkpoint (no 'model_config' entry)"
-            )
+        from fastcaps.runs import load_checkpoint
+
+        checkpoint = load_checkpoint(path, map_location)
         config = dict(checkpoint["model_config"])
         model = cls(**config, backend=backend)
         model.load_state_dict(checkpoint["model"])

@@ -156,3 +156,32 @@ def test_capsnet_backends_agree():
         )
     for a, b in zip(outs["torch"], outs["reference"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_predict_takes_uint8_pixels_and_unit_floats_in_any_layout():
+    torch.manual_seed(0)
+    model = CapsNet(conv_channels=16, primary_types=2, decoder_sizes=None)
+    pixels = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    unit = pixels.float().div(255).unsqueeze(1)
+    expected = model.predict(unit)
+    for images in (pixels, pixels.unsqueeze(1), unit.squeeze(1)):
+        got = model.predict(images)
+        assert torch.equal(got.classes, expected.classes)
+        torch.testing.assert_close(got.poses, expected.poses)
+
+
+@pytest.mark.parametrize(
+    "images, pattern",
+    [
+        (torch.full((2, 1, 28, 28), 255.0), r"float images must have values in \[0, 1\], got "
+         r"values in \[255, 255\]; divide 0..255 pixels by 255"),
+        (torch.full((2, 1, 28, 28), float("nan")), r"float images must have values in \[0, 1\]"),
+        (torch.zeros(2, 1, 28, 28, dtype=torch.int32), r"uint8 pixels in 0..255 or floats"),
+        ([[0.0]], r"images must be a torch.Tensor, got list"),
+    ],
+    ids=["0-255-floats", "nan", "int32", "list"],
+)  # fmt: skip
+def test_predict_rejects_images_it_would_misread(images, pattern):
+    model = CapsNet(conv_channels=16, primary_types=2, decoder_sizes=None)
+    with pytest.raises(ValueError, match=pattern):
+        model.predict(images)
