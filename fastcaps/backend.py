@@ -132,14 +132,16 @@ def resolve_backend(op: str, backend: str | None, device_tensor: Tensor) -> str:
                 return autotune.STATIC_RULE.get(op, "torch")
         return "torch"
     if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                f"backend='triton' was requested for {op} but triton is not installed; "
+                "pip install 'fastcaps[triton]' (CUDA builds of torch bring it), or use "
+                "backend='torch' or 'auto'"
+            )
         load_triton_ops()
         if op not in _TRITON_OPS:
             raise NotImplementedError(
                 f"backend='triton' has no kernel for {op} yet; use backend='torch' or 'auto'"
-            )
-        if not triton_available():
-            raise RuntimeError(
-                f"backend='triton' was requested for {op} but triton is not installed"
             )
         if not device_tensor.is_cuda and not triton_interpreter_enabled():
             raise ValueError(

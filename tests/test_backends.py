@@ -341,3 +341,15 @@ def test_triton_offsets_past_int32():
     (grad_u_tail,) = torch.autograd.grad(v_tail, (u_tail,), grad_v[last])
     torch.testing.assert_close(v[last], v_tail, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(grad_u[last], grad_u_tail, atol=2e-5, rtol=1e-4)
+
+
+def test_without_triton_auto_runs_torch_and_triton_says_how_to_install(monkeypatch):
+    from fastcaps import backend as dispatch
+
+    monkeypatch.setitem(dispatch._TRITON_STATE, "available", False)
+    s = torch.randn(3, 4, 5)
+    torch.testing.assert_close(fastcaps.squash(s, backend="auto"), reference.squash(s))
+    with pytest.raises(
+        RuntimeError, match=r"triton is not installed; pip install 'fastcaps\[triton\]'"
+    ):
+        fastcaps.squash(s, backend="triton")
