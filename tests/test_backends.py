@@ -353,3 +353,55 @@ def test_without_triton_auto_runs_torch_and_triton_says_how_to_install(monkeypat
         RuntimeError, match=r"triton is not installed; pip install 'fastcaps\[triton\]'"
     ):
         fastcaps.squash(s, backend="triton")
+
+
+@pytest.fixture
+def chunk_budget():
+    """Sets the torch backend's chunk budget for one test, then restores the default."""
+    from fastcaps import torch_backend
+
+    yield torch_backend.set_chunk_bytes
+    torch_backend.set_chunk_bytes(None)
+
+
+@pytest.mark.parametrize("budget", [1, 2100, None], ids=["1-sample", "3-samples", "default"])
+@pytest.mark.parametrize("batch", [0, 1, 7], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("op", ["dynamic_routing", "capsule_routing"])
+def test_torch_backend_chunks_of_the_batch_change_nothing(chunk_budget, op, batch, budget):
+    from fastcaps import torch_backend
+
+    chunk_budget(budget)  # 2100 bytes: 3 samples of 7 x 3 x 8 float32 prediction vectors
+    assert (
+        len(torch_backend.batch_chunks(7, 7 * 3 * 8 * 4, torch.device("cpu")))
+        == {1: 7, 2100: 3, None: 1}[budget]
+    )
+    g = torch.Generator().manual_seed(batch)
+    u = torch.randn(batch, 7, 5, generator=g, requires_grad=True)
+    weight = torch.randn(7, 3, 8, 5, generator=g, requires_grad=True)
+    bias = torch.randn(3, 8, generator=g, requires_grad=True)
+    if op == "capsule_routing":
+        inputs = (u, weight, bias)
+        run = lambda impl, *t: impl.capsule_routing(*t[:2], 3, t[2])  # noqa: E731
+    else:
+        inputs = (reference.predictions(u, weight).detach().requires_grad_(), bias)
+        run = lambda impl, *t: impl.dynamic_routing(t[0], 3, t[1])  # noqa: E731
+    v = run(torch_backend, *inputs)
+    wide = [as_float64_leaf(t) for t in inputs]
+    v_ref = run(reference, *wide)
+    grad = torch.randn(v.shape, generator=g)
+    got = torch.autograd.grad(v, inputs, grad)
+    expected = torch.autograd.grad(v_ref, wide, grad.double())
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(v.double(), v_ref, atol=atol, rtol=rtol)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol)
+
+
+def test_chunk_budget_errors_name_the_setting(monkeypatch):
+    from fastcaps import torch_backend
+
+    monkeypatch.setenv("FASTCAPS_CHUNK_BYTES", "lots")
+    with pytest.raises(ValueError, match=r"\$FASTCAPS_CHUNK_BYTES must be a number of bytes"):
+        torch_backend.set_chunk_bytes(None)
+    with pytest.raises(ValueError, match=r"budget must be a number of bytes >= 1 or None, got 0"):
+        torch_backend.set_chunk_bytes(0)

@@ -1,0 +1,188 @@
+"""Side-by-side CPU timings, alternating the candidates round by round so that drift of the
+machine hits them all alike.
+
+    # capsule_routing forward + backward, chunk budgets vs one chunk vs compiled reference
+    python -m benchmarks.cpu_alternating routing --batch 32 128 512
+    # the whole CapsNet training step (images/s), float32 and --amp bf16, this checkout against
+    # another one (e.g. a worktree of the previous commit)
+    python -m benchmarks.cpu_alternating train-step --baseline-from /tmp/fastcaps-old
+
+``routing`` interleaves its candidates call by call in one process (``--reps`` calls each);
+``train-step`` runs each candidate in its own subprocess per round (so a checkout's code is
+imported cleanly), alternating the order. Medians are printed as a markdown table and written as
+JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# workers (run in a subprocess; print one JSON line)
+# ----------------------------------------------------------------------------------------------
+
+
+def _routing_worker(args: argparse.Namespace) -> dict:
+    """Every candidate in this one process, interleaved call by call; median ms of each."""
+    import torch
+
+    from fastcaps import reference, torch_backend
+
+    torch.manual_seed(0)
+    u = torch.randn(args.batch[0], 1152, 8, requires_grad=True)
+    weight = (0.05 * torch.randn(1152, 10, 16, 8)).requires_grad_()
+    compiled = torch.compile(reference.capsule_routing)
+
+    def candidate_call(name: str):
+        if name == "reference-compiled":
+            return compiled
+        budget = {"default": None, "one-chunk": 1 << 62}.get(name)
+        if name.startswith("budget:"):
+            budget = int(name.split(":")[1])
+
+        def call(*a):
+            torch_backend.set_chunk_bytes(budget)
+            return torch_backend.capsule_routing(*a)
+
+        return call
+
+    calls = {name: candidate_call(name) for name in args.candidates}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for rep in range(args.reps + 2):  # the first two are warm-up
+        for name, fn in calls.items():
+            started = time.perf_counter()
+            fn(u, weight, 3).sum().backward()
+            u.grad = weight.grad = None
+            if rep >= 2:
+                times[name].append(time.perf_counter() - started)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def _train_step_worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from fastcaps.data import random_shift
+    from fastcaps.functional import margin_loss, reconstruction_loss
+    from fastcaps.nn import CapsNet
+
+    torch.manual_seed(0)
+    model = CapsNet(backend="torch")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.randint(0, 256, (args.batch[0], 1, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (args.batch[0],))
+    amp = {"off": None, "bf16": torch.bfloat16}[args.amp]
+
+    def step():
+        x = random_shift(images.float().div_(255), 2)
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            out = model(x, labels)
+        loss = margin_loss(out.lengths.float(), labels) + reconstruction_loss(
+            out.reconstructions.float(), x
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(args.reps):
+        step()
+    return {"images_per_s": args.batch[0] * args.reps / (time.perf_counter() - started)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the alternating driver
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_worker(source: Path, extra: list[str]) -> dict:
+    # this file runs as a script, so fastcaps is imported from ``source`` (first on the path)
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", *extra],
+        cwd=source, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"worker {extra} in {source} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _alternate(candidates: list[tuple[str, Path, list[str]]], rounds: int, key: str) -> dict:
+    values: dict[str, list[float]] = {label: [] for label, _, _ in candidates}
+    for round_index in range(rounds):
+        order = candidates if round_index % 2 == 0 else candidates[::-1]
+        for label, source, extra in order:
+            values[label].append(_run_worker(source, extra)[key])
+            print(f"  round {round_index + 1}: {label}: {values[label][-1]:.2f}", file=sys.stderr)
+    return {label: {"median": statistics.median(v), "runs": v} for label, v in values.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["routing", "train-step"])
+    p.add_argument("--batch", type=int, nargs="+", default=None)
+    p.add_argument("--budgets-mib", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument(
+        "--baseline-from", type=Path, default=None,
+        help="train-step: a checkout to compare with (e.g. a worktree of main~1)",
+    )  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--candidates", nargs="+", default=["default"], help=argparse.SUPPRESS)
+    p.add_argument("--amp", default="off", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker = _routing_worker if args.what == "routing" else _train_step_worker
+        print(json.dumps(worker(args)))
+        return
+
+    results = {}
+    if args.what == "routing":
+        names = ["one-chunk", *(f"budget:{m * MIB}" for m in args.budgets_mib)]
+        names.append("reference-compiled")
+        for batch in args.batch or [32, 128, 512]:
+            extra = ["routing", "--batch", str(batch), "--reps", str(args.reps), "--candidates"]
+            medians = _run_worker(REPO, [*extra, *names])
+            results[f"B{batch}"] = {n: {"median": medians[n]} for n in names}
+        print("| batch | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for batch, row in results.items():
+            cells = " | ".join(f"{row[n]['median']:.1f}" for n in names)
+            print(f"| {batch} | {cells} |")
+        print("(median ms of capsule_routing forward + backward, MNIST layer, R = 3)")
+    else:
+        sources = [("this checkout", REPO)]
+        if args.baseline_from is not None:
+            sources.insert(0, ("baseline", args.baseline_from.resolve()))
+        candidates = [
+            (f"{label}, {amp}", source, ["train-step", "--amp", amp, "--batch",
+                                         str((args.batch or [128])[0]), "--reps", str(args.reps)])
+            for label, source in sources
+            for amp in ("off", "bf16")
+        ]  # fmt: skip
+        results = _alternate(candidates, args.rounds, "images_per_s")
+        base = results[candidates[0][0]]["median"]
+        print("| candidate | images/s | vs first |\n|---|---|---|")
+        for label, row in results.items():
+            print(f"| {label} | {row['median']:.1f} | {row['median'] / base:.2f}x |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
