@@ -3,6 +3,8 @@ machine hits them all alike.
 
     # capsule_routing forward + backward, chunk budgets vs one chunk vs compiled reference
     python -m benchmarks.cpu_alternating routing --batch 32 128 512
+    # peak memory of one forward + backward: growth of the peak RSS of a fresh process
+    python -m benchmarks.cpu_alternating peak-rss --batch 32 128 512
     # the whole CapsNet training step (images/s), float32 and --amp bf16, this checkout against
     # another one (e.g. a worktree of the previous commit)
     python -m benchmarks.cpu_alternating train-step --baseline-from /tmp/fastcaps-old
@@ -69,6 +71,27 @@ def _routing_worker(args: argparse.Namespace) -> dict:
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
+def _peak_rss_worker(args: argparse.Namespace) -> dict:
+    """Growth of this process's peak RSS over one capsule_routing forward + backward."""
+    import resource
+
+    import torch
+
+    from fastcaps import reference, torch_backend
+
+    torch.manual_seed(0)
+    u = torch.randn(args.batch[0], 1152, 8, requires_grad=True)
+    weight = (0.05 * torch.randn(1152, 10, 16, 8)).requires_grad_()
+    name = args.candidates[0]
+    if name == "one-chunk":
+        torch_backend.set_chunk_bytes(1 << 62)
+    fn = reference.capsule_routing if name == "reference" else torch_backend.capsule_routing
+    fn(u[:1], weight, 3).sum().backward()  # libraries loaded, gradient buffers allocated
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn(u, weight, 3).sum().backward()
+    return {"MiB": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+
+
 def _train_step_worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -131,13 +154,15 @@ def _alternate(candidates: list[tuple[str, Path, list[str]]], rounds: int, key: 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["routing", "train-step"])
+    p.add_argument("what", choices=["routing", "peak-rss", "train-step"])
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--budgets-mib", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument(
         "--baseline-from", type=Path, default=None,
         help="train-step: a checkout to compare with (e.g. a worktree of main~1)",
     )  # fmt: skip
+    p.add_argument("--amps", nargs="+", choices=["off", "bf16"], default=["off", "bf16"],
+                   help="train-step: autocast modes to time")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)
@@ -146,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amp", default="off", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker = _routing_worker if args.what == "routing" else _train_step_worker
+        worker = {
+            "routing": _routing_worker, "peak-rss": _peak_rss_worker,
+            "train-step": _train_step_worker,
+        }[args.what]  # fmt: skip
         print(json.dumps(worker(args)))
         return
 
@@ -164,6 +192,17 @@ def main(argv: list[str] | None = None) -> None:
             cells = " | ".join(f"{row[n]['median']:.1f}" for n in names)
             print(f"| {batch} | {cells} |")
         print("(median ms of capsule_routing forward + backward, MNIST layer, R = 3)")
+    elif args.what == "peak-rss":
+        names = ["default", "one-chunk", "reference"]
+        for batch in args.batch or [128]:
+            results[f"B{batch}"] = {
+                n: _run_worker(REPO, ["peak-rss", "--batch", str(batch), "--candidates", n])
+                for n in names
+            }
+        print("| batch | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
+        for batch, row in results.items():
+            print(f"| {batch} | " + " | ".join(f"{row[n]['MiB']:.1f}" for n in names) + " |")
+        print("(MiB of peak-RSS growth over one capsule_routing forward + backward, MNIST layer)")
     else:
         sources = [("this checkout", REPO)]
         if args.baseline_from is not None:
@@ -172,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             (f"{label}, {amp}", source, ["train-step", "--amp", amp, "--batch",
                                          str((args.batch or [128])[0]), "--reps", str(args.reps)])
             for label, source in sources
-            for amp in ("off", "bf16")
+            for amp in args.amps
         ]  # fmt: skip
         results = _alternate(candidates, args.rounds, "images_per_s")
         base = results[candidates[0][0]]["median"]
