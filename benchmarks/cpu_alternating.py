@@ -43,7 +43,7 @@ def _routing_worker(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     u = torch.randn(args.batch[0], 1152, 8, requires_grad=True)
-    weight = (0.05 * torch.randn(1152, 10, 16, 8)).requires_grad_()
+    weight = (0.05 * torch.randn(1152, args.classes, 16, 8)).requires_grad_()
     compiled = torch.compile(reference.capsule_routing)
 
     def candidate_call(name: str):
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--amps", nargs="+", choices=["off", "bf16"], default=["off", "bf16"],
                    help="train-step: autocast modes to time")  # fmt: skip
+    p.add_argument("--classes", type=int, default=10, help="routing: output capsules (Nout)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         names = ["one-chunk", *(f"budget:{m * MIB}" for m in args.budgets_mib)]
         names.append("reference-compiled")
         for batch in args.batch or [32, 128, 512]:
-            extra = ["routing", "--batch", str(batch), "--reps", str(args.reps), "--candidates"]
+            extra = ["routing", "--batch", str(batch), "--reps", str(args.reps), "--classes",
+                     str(args.classes), "--candidates"]  # fmt: skip
             medians = _run_worker(REPO, [*extra, *names])
             results[f"B{batch}"] = {n: {"median": medians[n]} for n in names}
         print("| batch | " + " | ".join(names) + " |")
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch, row in results.items():
             cells = " | ".join(f"{row[n]['median']:.1f}" for n in names)
             print(f"| {batch} | {cells} |")
-        print("(median ms of capsule_routing forward + backward, MNIST layer, R = 3)")
+        print(f"(median ms, capsule_routing forward + backward, 1152 -> {args.classes}x16, R 3)")
     elif args.what == "peak-rss":
         names = ["default", "one-chunk", "reference"]
         for batch in args.batch or [128]:

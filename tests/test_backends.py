@@ -364,17 +364,16 @@ def chunk_budget():
     torch_backend.set_chunk_bytes(None)
 
 
-@pytest.mark.parametrize("budget", [1, 2100, None], ids=["1-sample", "3-samples", "default"])
-@pytest.mark.parametrize("batch", [0, 1, 7], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("budget", [1, 3400, None], ids=["4-samples", "5-samples", "default"])
+@pytest.mark.parametrize("batch", [0, 1, 9], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("op", ["dynamic_routing", "capsule_routing"])
 def test_torch_backend_chunks_of_the_batch_change_nothing(chunk_budget, op, batch, budget):
     from fastcaps import torch_backend
 
-    chunk_budget(budget)  # 2100 bytes: 3 samples of 7 x 3 x 8 float32 prediction vectors
-    assert (
-        len(torch_backend.batch_chunks(7, 7 * 3 * 8 * 4, torch.device("cpu")))
-        == {1: 7, 2100: 3, None: 1}[budget]
-    )
+    # 3400 bytes: 5 samples of 7 x 3 x 8 float32 prediction vectors; 1 byte: the minimum, 4
+    chunk_budget(budget)
+    chunks = torch_backend.batch_chunks(9, 7 * 3 * 8 * 4, torch.device("cpu"))
+    assert [end - start for start, end in chunks] == {1: [4, 4, 1], 3400: [5, 4], None: [9]}[budget]
     g = torch.Generator().manual_seed(batch)
     u = torch.randn(batch, 7, 5, generator=g, requires_grad=True)
     weight = torch.randn(7, 3, 8, 5, generator=g, requires_grad=True)
