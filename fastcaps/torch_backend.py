@@ -22,6 +22,7 @@ Same semantics as ``fastcaps.reference`` but laid out for speed and memory:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -61,6 +62,11 @@ def set_chunk_bytes(budget: int | None) -> None:
     if budget is not None and (not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget must be a number of bytes >= 1 or None, got {budget!r}")
     _CHUNKING["bytes"] = _read_chunk_bytes() if budget is None else budget
+
+
+def get_chunk_bytes() -> int:
+    """The cache budget of a routing chunk in bytes (see ``set_chunk_bytes``)."""
+    return _CHUNKING["bytes"]
 
 
 def batch_chunks(batch: int, bytes_per_sample: int, device: torch.device) -> list[tuple[int, int]]:
@@ -129,48 +135,43 @@ def routing_graph_grads(
 # ----------------------------------------------------------------------------------------------
 
 
-def squash_factors(s: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def squash_factors(
+    s: Tensor, eps: float, slope: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """squash's pieces per vector of the last dim, for any finite s without overflow.
 
     With r = |s| and u = s / r (0 for a zero vector): squash(s) = g(r) u, where
-    ``g(r) = r^3 / ((1 + r^2) sqrt(r^2 + eps))`` is the output length; f = g / r (so
-    squash(s) = f s) and
-    ``g' = dg/dr = r^2 (2 r^2 + 3 eps + eps r^2) / ((1 + r^2)^2 (r^2 + eps)^1.5)``. The norm is
-    taken of s scaled by its largest entry, and for r >= 1 every factor is written in powers of
-    1/r, so no square or cube of r is ever formed. Returns (u, f, g, g'), the last three
-    [..., 1].
+    ``g(r) = r^3 / ((1 + r^2) sqrt(r^2 + eps))`` is the output length. Written as
+    ``g = b / (1 + 1/r^2)`` and ``f = g / r = a b`` with ``a = 1 / (r + 1/r)`` and
+    ``b = r / sqrt(r^2 + eps) = 1 / hypot(1, sqrt(eps) / r)``, and the slope as
+    ``g' = dg/dr = f (2 / (1 + r^2) + eps / (r^2 + eps)) = f (2 a / r + (b sqrt(eps) / r)^2)``
+    (d log g / dr = 3/r - 2r/(1 + r^2) - r/(r^2 + eps)), every factor is a sum or product of
+    positive terms, 1/r is clamped to the dtype's max and r may overflow to inf, so nothing
+    cancels and nothing becomes NaN. The norm is taken of s scaled by its largest entry.
+    Returns (u, g, f, g'), the last three [..., 1]; f and g' are None unless ``slope``.
     """
+    huge = torch.finfo(s.dtype).max
     m = s.abs().amax(dim=-1, keepdim=True)
-    one = torch.ones_like(m)
-    t = s / torch.where(m > 0, m, one)
-    t_norm = torch.sqrt((t * t).sum(dim=-1, keepdim=True))
-    u = t / torch.where(m > 0, t_norm, one)
-    # r = m t_norm overflows near the dtype's max: form it only below m = 1, and 1 / r as a
-    # quotient of quotients
-    r = torch.clamp(m, max=1.0) * t_norm
-    big = (m >= 1) | (r >= 1)
-    # each branch sees only its own range, so neither overflows where it is not used
-    zero = torch.zeros_like(r)
-    inv_big = 1 / torch.where(big, m, one) / torch.where(big, t_norm, one)
-    q = inv_big * inv_big  # r >= 1: powers of 1/r
-    root_q = torch.sqrt(1 + eps * q)
-    g_big = 1 / ((1 + q) * root_q)
-    dg_big = (2 + eps + 3 * eps * q) * q * inv_big / ((1 + q) * (1 + q) * (1 + eps * q) * root_q)
-    r_small = torch.where(big, zero, r)
-    n = r_small * r_small  # r < 1: powers of n = r^2
-    root_n = torch.sqrt(n + eps)
-    f_small = n / ((1 + n) * root_n)  # g / r directly: 1 / r overflows for subnormal r
-    # the ratio first: n * eps underflows to a subnormal for tiny r
-    dg_small = f_small / (1 + n) * ((2 * n + 3 * eps + eps * n) / (n + eps))
-    g = torch.where(big, g_big, r_small * f_small)
-    f = torch.where(big, g_big * inv_big, f_small)
-    return u, f, g, torch.where(big, dg_big, dg_small)
+    positive = m > 0
+    safe_m = torch.where(positive, m, 1.0)
+    t = s / safe_m
+    t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    u = t / torch.where(positive, t_norm, 1.0)
+    inv_r = torch.clamp(safe_m.reciprocal() / t_norm, max=huge)
+    w = torch.clamp(inv_r * math.sqrt(eps), max=huge)  # sqrt(eps) / r
+    b = torch.hypot(w, torch.ones_like(w)).reciprocal()
+    g = b / (1 + inv_r * inv_r)
+    if not slope:
+        return u, g, None, None
+    a = (m * t_norm + inv_r).reciprocal()
+    f = a * b
+    return u, g, f, f * (2 * a * inv_r + (w * b).square())
 
 
 def squash_forward(s: Tensor, eps: float) -> Tensor:
     """v = s * n / ((1 + n) * sqrt(n + eps)), n = |s|^2 over the last dim, as ``g(|s|) s / |s|``
     (``squash_factors``): exact to the dtype's precision for every finite s."""
-    u, _, g, _ = squash_factors(s, eps)
+    u, g, _, _ = squash_factors(s, eps, slope=False)
     return g * u
 
 
@@ -178,7 +179,11 @@ def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
     """Gradient of ``squash_forward`` w.r.t. s, as a tangential and a radial part, each from a
     well-conditioned formula: ``f (gv - (u . gv) u) + g'(|s|) (u . gv) u`` with u = s / |s| (the
     plain ``f gv + 2 f'(n) (s . gv) s`` cancels catastrophically for |s| >> 1). 0 at s = 0."""
-    u, f, _, dg = squash_factors(s, eps)
+    u, _, f, dg = squash_factors(s, eps)
+    return _squash_backward_from(u, f, dg, grad_v)
+
+
+def _squash_backward_from(u: Tensor, f: Tensor, dg: Tensor, grad_v: Tensor) -> Tensor:
     radial = (u * grad_v).sum(dim=-1, keepdim=True)
     return f * (grad_v - radial * u) + dg * radial * u
 
@@ -282,6 +287,14 @@ def _coefficients(pairs: Tensor, V: Tensor, steps: Sequence[int]) -> Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def accumulates_in_place(device: torch.device) -> bool:
+    """Whether the backward forms grad u_hat = sum_k coef_k (outer) row_k term by term, in place
+    in the child-major layout [Nin, B * Nout, Dout] (off CUDA: about 1.5x faster on a CPU than
+    one bmm writing a strided view of it), rather than as that one bmm (on CUDA: one launch
+    instead of 2R - 1 passes over u_hat)."""
+    return device.type != "cuda"
+
+
 def route_backward(
     pairs: Tensor,
     s_all: Tensor,
@@ -301,7 +314,8 @@ def route_backward(
     """
     iterations, batch, n_out, d_out = s_all.shape
     n_pairs, n_in, _ = pairs.shape
-    v_all = squash_forward(s_all, eps)
+    u_all, g_all, f_all, dg_all = squash_factors(s_all, eps)  # every iteration at once
+    v_all = g_all * u_all
     V = torch.cumsum(v_all, dim=0) - v_all  # V[r] = v_0 + ... + v_(r-1)
     steps = [iterations - 1] if detach_logits else list(range(iterations - 1, -1, -1))
     coefficients = _coefficients(pairs, V, steps)
@@ -312,7 +326,7 @@ def route_backward(
     grad_s_total = torch.zeros_like(grad_v)
     for k, r in enumerate(steps):
         grad_out = grad_later + grad_v if r == iterations - 1 else grad_later
-        grad_s = squash_backward(s_all[r], grad_out, eps)
+        grad_s = _squash_backward_from(u_all[r], f_all[r], dg_all[r], grad_out)
         grad_s_total += grad_s
         c = coefficients[:, :, k]
         coef_columns.append(c)
@@ -324,9 +338,15 @@ def route_backward(
             grad_later = grad_later + grad_V.view(batch, n_out, d_out)
             coef_columns.append(grad_logits)
             grad_rows.append(V[r])
-    # gU = sum_k coef_k (outer) row_k, accumulated in place in the child-major layout
-    # [Nin, B * Nout, Dout]: on CPU about 1.5x faster than one bmm writing a strided view of it
     grad_child = pairs.new_empty(n_in, n_pairs, d_out)
+    if not accumulates_in_place(pairs.device):  # one bmm writing a strided view
+        lhs = torch.stack([c.view(n_pairs, n_in) for c in coef_columns], dim=-1)
+        rhs = torch.stack([row.reshape(n_pairs, d_out) for row in grad_rows], dim=-2)
+        if torch.compiler.is_compiling():  # dynamo rejects out= tensors that are not contiguous
+            grad_child.transpose(0, 1).copy_(torch.bmm(lhs, rhs))
+        else:
+            torch.bmm(lhs, rhs, out=grad_child.transpose(0, 1))
+        return grad_child, grad_s_total
     for k, (c, row) in enumerate(zip(coef_columns, grad_rows, strict=True)):
         coef = c.view(n_pairs, n_in).T[:, :, None]  # [Nin, B * Nout, 1]
         row = row.reshape(1, n_pairs, d_out)

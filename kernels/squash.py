@@ -46,43 +46,58 @@ def sqrt_rn(x):
 
 
 @triton.jit
-def squash_factors(s, eps):
-    """squash's pieces for every row of a [rows, D] block, for any finite s without overflow
-    (see ``fastcaps.torch_backend.squash_factors``, the same formulas): u = s / |s| [rows, D]
-    (0 for a zero row), and per row [rows] f = g / |s|, g = |v| and g' = dg/d|s|."""
+def _inverse_hypot_one(w):
+    """1 / hypot(1, w) for w >= 0 (w may be huge; w^2 is never formed above w = 1)."""
+    small = w <= 1.0
+    z = tl.where(small, w, div_rn(tl.full(w.shape, 1.0, w.dtype), tl.where(small, 1.0, w)))
+    k = div_rn(tl.full(w.shape, 1.0, w.dtype), sqrt_rn(1.0 + z * z))
+    return tl.where(small, k, k * z)
+
+
+@triton.jit
+def squash_factors(s, eps, huge, SLOPE: tl.constexpr):
+    """squash's pieces for every row of a [rows, D] block, for any finite s without overflow,
+    by the formulas of ``fastcaps.torch_backend.squash_factors``: u = s / |s| [rows, D] (0 for
+    a zero row) and per row [rows] g = |v|, f = g / |s| and g' = dg/d|s| (f and g' only with
+    SLOPE; else zeros). ``huge``: the largest finite value of the dtype."""
     m = tl.max(tl.abs(s), axis=1)
+    positive = m > 0
+    safe_m = tl.where(positive, m, 1.0)
+    one = tl.full(m.shape, 1.0, m.dtype)
     # divide each entry (1 / m overflows for a subnormal m)
-    t = div_rn(s, tl.where(m > 0, m, 1.0)[:, None])
+    t = div_rn(s, safe_m[:, None])
     t_norm = sqrt_rn(tl.sum(t * t, axis=1))
-    u = t * div_rn(tl.full(m.shape, 1.0, m.dtype), tl.where(m > 0, t_norm, 1.0))[:, None]
-    # r = m t_norm overflows near the dtype's max: form it only below m = 1, and 1 / r as a
-    # quotient of quotients
-    r = tl.minimum(m, 1.0) * t_norm
-    big = (m >= 1.0) | (r >= 1.0)
-    # each branch sees only its own range, so neither overflows where it is not used
-    inv_m = div_rn(tl.full(m.shape, 1.0, m.dtype), tl.where(big, m, 1.0))
-    inv_big = tl.where(big, div_rn(inv_m, tl.where(big, t_norm, 1.0)), 0.0)
-    q = inv_big * inv_big  # r >= 1: powers of 1/r
-    root_q = sqrt_rn(1.0 + eps * q)
-    g_big = div_rn(tl.full(m.shape, 1.0, m.dtype), (1.0 + q) * root_q)
-    dg_big = div_rn((2.0 + eps + 3.0 * eps * q) * q * inv_big,
-                    (1.0 + q) * (1.0 + q) * (1.0 + eps * q) * root_q)  # fmt: skip
-    r_small = tl.where(big, 0.0, r)
-    n = r_small * r_small  # r < 1: powers of n = r^2
-    root_n = sqrt_rn(n + eps)
-    f_small = div_rn(n, (1.0 + n) * root_n)  # g / r directly: 1 / r overflows for subnormal r
-    # the ratio first: n * eps underflows to a subnormal for tiny r
-    dg_small = div_rn(f_small, 1.0 + n) * div_rn(2.0 * n + 3.0 * eps + eps * n, n + eps)
-    g = tl.where(big, g_big, r_small * f_small)
-    f = tl.where(big, g_big * inv_big, f_small)
-    return u, f, g, tl.where(big, dg_big, dg_small)
+    u = t * div_rn(one, tl.where(positive, t_norm, 1.0))[:, None]
+    inv_r = tl.minimum(div_rn(div_rn(one, safe_m), t_norm), huge)  # 1 / |s|, clamped
+    w = tl.minimum(inv_r * sqrt_rn(eps + tl.zeros_like(m)), huge)  # sqrt(eps) / |s|
+    b = _inverse_hypot_one(w)  # |s| / sqrt(|s|^2 + eps)
+    g = div_rn(b, 1.0 + inv_r * inv_r)
+    if SLOPE:
+        a = div_rn(one, m * t_norm + inv_r)  # |s| / (1 + |s|^2); m * t_norm may be inf
+        f = a * b
+        wb = w * b
+        dg = f * (2.0 * a * inv_r + wb * wb)
+    else:
+        f = tl.zeros_like(m)
+        dg = tl.zeros_like(m)
+    return u, g, f, dg
+
+
+@triton.jit
+def _largest(x):
+    """The largest finite value of x's dtype (float32 or float64)."""
+    if x.dtype == tl.float64:
+        out = 1.7976931348623157e308
+    else:
+        out = 3.4028234663852886e38
+    return out
 
 
 @triton.jit
 def squash_rows(s, eps):
     """v for every row of a [rows, D] block (in the block's dtype): ``g(|s|) s / |s|``, exact
     to the dtype's precision for every finite s."""
-    u, _f, g, _dg = squash_factors(s, eps)
+    u, g, _f, _dg = squash_factors(s, eps, _largest(s), False)
     return u * g[:, None]
 
 
@@ -90,7 +105,7 @@ def squash_rows(s, eps):
 def squash_rows_backward(s, grad_v, eps):
     """grad s for every row of a [rows, D] block, given grad v: a tangential plus a radial part,
     ``f (gv - (u . gv) u) + g' (u . gv) u``, each well conditioned."""
-    u, f, _g, dg = squash_factors(s, eps)
+    u, _g, f, dg = squash_factors(s, eps, _largest(s), True)
     radial = tl.sum(u * grad_v, axis=1)[:, None]
     return f[:, None] * (grad_v - radial * u) + (dg[:, None] * radial) * u
 

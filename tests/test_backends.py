@@ -364,12 +364,18 @@ def chunk_budget():
     torch_backend.set_chunk_bytes(None)
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["grad-in-place", "grad-one-bmm"])
 @pytest.mark.parametrize("budget", [1, 3400, None], ids=["4-samples", "5-samples", "default"])
 @pytest.mark.parametrize("batch", [0, 1, 9], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("op", ["dynamic_routing", "capsule_routing"])
-def test_torch_backend_chunks_of_the_batch_change_nothing(chunk_budget, op, batch, budget):
+def test_torch_backend_chunks_of_the_batch_change_nothing(
+    chunk_budget, monkeypatch, op, batch, budget, in_place
+):
+    """Every chunking gives the reference's value and gradients, with grad u_hat formed either
+    way (in place term by term, as on a CPU, or as one bmm, as on CUDA)."""
     from fastcaps import torch_backend
 
+    monkeypatch.setattr(torch_backend, "accumulates_in_place", lambda device: in_place)
     # 3400 bytes: 5 samples of 7 x 3 x 8 float32 prediction vectors; 1 byte: the minimum, 4
     chunk_budget(budget)
     chunks = torch_backend.batch_chunks(9, 7 * 3 * 8 * 4, torch.device("cpu"))
