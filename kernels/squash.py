@@ -62,13 +62,15 @@ def squash_factors(s, eps, huge, SLOPE: tl.constexpr):
     SLOPE; else zeros). ``huge``: the largest finite value of the dtype."""
     m = tl.max(tl.abs(s), axis=1)
     positive = m > 0
-    safe_m = tl.where(positive, m, 1.0)
     one = tl.full(m.shape, 1.0, m.dtype)
-    # divide each entry (1 / m overflows for a subnormal m)
-    t = div_rn(s, safe_m[:, None])
+    # t = s / m by one reciprocal per row; rows below 2^-64 are first scaled by 2^64 (exact), so
+    # that 1 / m cannot overflow
+    pre = tl.where(m < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+    inv_m = div_rn(one, tl.where(positive, m * pre, 1.0))
+    t = (s * pre[:, None]) * inv_m[:, None]
     t_norm = sqrt_rn(tl.sum(t * t, axis=1))
     u = t * div_rn(one, tl.where(positive, t_norm, 1.0))[:, None]
-    inv_r = tl.minimum(div_rn(div_rn(one, safe_m), t_norm), huge)  # 1 / |s|, clamped
+    inv_r = tl.minimum(div_rn(inv_m * pre, t_norm), huge)  # 1 / |s| (inf for subnormal m), clamped
     w = tl.minimum(inv_r * sqrt_rn(eps + tl.zeros_like(m)), huge)  # sqrt(eps) / |s|
     b = _inverse_hypot_one(w)  # |s| / sqrt(|s|^2 + eps)
     g = div_rn(b, 1.0 + inv_r * inv_r)
