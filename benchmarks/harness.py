@@ -14,10 +14,16 @@ Providers (each present only where it runs):
 from __future__ import annotations
 
 import functools
+import gc
+import json
 import os
 import platform
+import re
+import subprocess
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -26,7 +32,9 @@ from benchmarks import naive
 from fastcaps import reference
 from fastcaps.backend import triton_available, triton_interpreter_enabled
 
-OPS = ("squash", "predictions", "dynamic_routing", "capsule_routing")
+OPS = ("squash", "predictions", "dynamic_routing", "capsule_routing", "exp_squash",
+       "attention_routing", "capsule_attention_routing")  # fmt: skip
+ATTENTION_OPS = ("exp_squash", "attention_routing", "capsule_attention_routing")
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,15 @@ CIFAR = Layer("cifar", 128, 2048, 10, 16, 8)  # 2048 primary capsules, as on 32x
 CLASSES_100 = Layer("classes100", 32, 1152, 100, 16, 8)
 
 # capsule_routing sweeps the batch; the other ops run at the sizes users train with
+# Efficient-CapsNet's layer (16 primary capsules of 8D -> 10 x 16D); R is unused by attention
+# routing (one pass) and kept at 1
+EFFICIENT = Layer("efficient", 16, 16, 10, 16, 8, 1)
 CPU_LAYERS = {
     "capsule_routing": [_mnist(32), _mnist(128), _mnist(512), _mnist(128, 1), CIFAR, CLASSES_100],
+    # the naive O(Nin^2) attention matrix shows at Nin = 1152
+    "capsule_attention_routing": [EFFICIENT, replace(EFFICIENT, B=128), _mnist(32, 1)],
+    "attention_routing": [replace(EFFICIENT, B=128), _mnist(32, 1)],
+    "exp_squash": [replace(EFFICIENT, B=128), _mnist(32, 1)],
     "default": [_mnist(32), _mnist(128)],
 }
 GPU_LAYERS = {
@@ -71,6 +86,9 @@ GPU_LAYERS = {
         CIFAR,
         Layer("classes100", 128, 1152, 100, 16, 8),
     ],
+    "capsule_attention_routing": [replace(EFFICIENT, B=128), _mnist(128, 1), _mnist(512, 1)],
+    "attention_routing": [replace(EFFICIENT, B=128), _mnist(128, 1)],
+    "exp_squash": [replace(EFFICIENT, B=128), _mnist(128, 1)],
     "default": [_mnist(128), _mnist(2048)],
 }
 TINY_LAYERS = [Layer("tiny", 3, 20, 4, 5, 3), Layer("tiny", 2, 7, 1, 3, 2, 1)]
@@ -118,12 +136,20 @@ def _compiled(fn: Callable) -> Callable:
 
 
 def _backend_ops(backend: str) -> dict[str, Callable]:
-    return {
+    ops = {
         "squash": lambda s: fastcaps.squash(s, backend=backend),
         "predictions": lambda u, w: fastcaps.predictions(u, w, backend=backend),
         "dynamic_routing": lambda u_hat, r: fastcaps.dynamic_routing(u_hat, r, backend=backend),
         "capsule_routing": lambda u, w, r: fastcaps.capsule_routing(u, w, r, backend=backend),
+        "exp_squash": lambda s: fastcaps.exp_squash(s, backend=backend),
+        "attention_routing": lambda u_hat, p: fastcaps.attention_routing(u_hat, p, backend=backend),
+        "capsule_attention_routing": lambda u, w, p: fastcaps.capsule_attention_routing(
+            u, w, p, backend=backend
+        ),
     }
+    if backend == "triton":  # self-attention routing has no Triton kernels yet
+        return {op: fn for op, fn in ops.items() if op not in ATTENTION_OPS}
+    return ops
 
 
 def _triton_unfused_layer(u, w, r):
@@ -140,7 +166,8 @@ def provider_ops(provider: str) -> dict[str, Callable]:
     if provider == "reference-compiled":
         return {op: _compiled(fn) for op, fn in reference_ops.items()}
     if provider == "naive":
-        return {op: getattr(naive, op) for op in OPS}
+        # naive: the dynamic-routing ops only (the reference is the naive attention form)
+        return {op: getattr(naive, op) for op in OPS if op not in ATTENTION_OPS}
     if provider == "torch":
         return _backend_ops("torch")
     if provider == "triton":
@@ -178,8 +205,13 @@ def op_inputs(op: str, layer: Layer, device: str, dtype=torch.float32) -> tuple:
     u = fastcaps.squash(torch.randn(layer.B, layer.Nin, layer.Din, generator=g))
     weight = 0.05 * torch.randn(layer.Nin, layer.Nout, layer.Dout, layer.Din, generator=g)
     leaf = lambda t: t.to(device, dtype).requires_grad_()  # noqa: E731
-    if op == "squash":  # the primary capsules of the layer
+    if op in ("squash", "exp_squash"):  # the primary capsules of the layer
         return (leaf(torch.randn(layer.B, layer.Nin, layer.Din, generator=g)),)
+    prior = 0.1 * torch.randn(layer.Nin, layer.Nout, generator=g)
+    if op == "attention_routing":
+        return leaf(reference.predictions(u, weight)), leaf(prior)
+    if op == "capsule_attention_routing":
+        return leaf(u), leaf(weight), leaf(prior)
     if op == "predictions":
         return leaf(u), leaf(weight)
     if op == "dynamic_routing":
@@ -272,10 +304,36 @@ def saved_for_backward_bytes(fn: Callable, args: tuple) -> int:
     return sum(storages.values())
 
 
-def peak_bytes(fn: Callable, args: tuple, device: str) -> int:
-    """Peak memory of one forward + backward above what was allocated before it: CUDA's
-    max_memory_allocated, or on CPU the peak of live bytes from the profiler's allocation
-    events (the process's peak RSS only ever grows, so it cannot be split per provider)."""
+def peak_bytes(
+    op: str, provider: str, layer: Layer, device: str, fresh_process: bool = True
+) -> int:
+    """Peak memory of one forward + backward of ``op`` above what was allocated before it.
+
+    CUDA: ``max_memory_allocated``. CPU: the growth of the process's resident high-water mark
+    (``VmHWM``, reset through ``/proc/self/clear_refs`` after a warm-up call) in a fresh Python
+    process in which glibc returns every freed block of 64 KiB or more to the system, so that
+    neither earlier cases nor the allocator's cache hide or inflate it (the profiler's
+    allocation records book the frees inside an autograd Function at its end, which for code
+    that works in chunks sums the chunks). ``fresh_process=False`` measures in this process
+    (for tiny CI runs: cheaper, but earlier allocations may be reused)."""
+    if device != "cuda" and fresh_process:
+        code = (
+            "import json, sys; from benchmarks.harness import Layer, peak_bytes; "
+            "a = json.loads(sys.argv[1]); "
+            "print(peak_bytes(a['op'], a['provider'], Layer(**a['layer']), 'cpu', False))"
+        )
+        spec = json.dumps({"op": op, "provider": provider, "layer": layer.fields()})
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+        repo = Path(__file__).resolve().parent.parent
+        done = subprocess.run([sys.executable, "-c", code, spec], cwd=repo, env=env,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"peak memory of {op} / {provider} failed:\n{done.stderr[-3000:]}")
+        return int(done.stdout.split()[-1])
+    fn = provider_ops(provider)[op]
+    args = op_inputs(op, layer, device)
+    fn(*args).sum().backward()  # warm-up: compilation, libraries, workspaces
+    _clear_grads(args)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -285,21 +343,17 @@ def peak_bytes(fn: Callable, args: tuple, device: str) -> int:
         peak = torch.cuda.max_memory_allocated() - base
         _clear_grads(args)
         return peak
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(*args).sum().backward()
-        _clear_grads(args)
-    # every op's own net allocation (nested ops are not counted twice), allocations at the op's
-    # start and frees at its end, and the frees the profiler could not attribute to an op
-    events = sorted(
-        (e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end,
-         e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
-    )  # fmt: skip
-    live = peak = 0
-    for _, change in events:
-        live += change
-        peak = max(peak, live)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _proc_status_bytes("VmRSS")
+    fn(*args).sum().backward()
+    peak = _proc_status_bytes("VmHWM") - base
+    _clear_grads(args)
     return peak
+
+
+def _proc_status_bytes(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (CPU peak memory needs Linux)")
+    return int(match.group(1)) * 1024

@@ -206,8 +206,8 @@ def render(results: list[dict], machine: dict, json_names: list[str], plots: lis
         "- dtype float32; times are medians "
         "(CUDA: `triton.testing.do_bench`; CPU: pytest-benchmark)",
         "- memory: bytes of the storages autograd saves for backward, and the peak above the "
-        "inputs during one forward + backward (CUDA: `max_memory_allocated`; CPU: the profiler's "
-        "allocation records)",
+        "inputs during one forward + backward (CUDA: `max_memory_allocated`; CPU: growth of the "
+        "resident high-water mark in a fresh process, glibc returning freed blocks >= 64 KiB)",
         "",
         "## Summary",
         "",
@@ -219,9 +219,15 @@ def render(results: list[dict], machine: dict, json_names: list[str], plots: lis
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Tables", ""]
-    for op in ("capsule_routing", "dynamic_routing", "predictions", "squash", "capsnet"):
+    for op in TABLE_OPS:
         lines += _time_table(results, op) + _memory_table(results, op)
     return "\n".join(lines) + "\n"
+
+
+TABLE_OPS = (
+    "capsule_routing", "dynamic_routing", "predictions", "squash",
+    "capsule_attention_routing", "attention_routing", "exp_squash", "capsnet",
+)  # fmt: skip
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,5 +1,6 @@
-"""Every op (squash, predictions, dynamic_routing, capsule_routing) with every provider that runs
-here, in forward, backward and full (forward + backward) mode; the layer ops also record memory.
+"""Every op (squash, predictions, dynamic_routing, capsule_routing; exp_squash, attention_routing,
+capsule_attention_routing) with every provider that runs here, in forward, backward and full
+(forward + backward) mode; the routing ops also record memory.
 
 Real run: see README "Benchmarks" (``python -m benchmarks.run`` wraps it)."""
 
@@ -16,7 +17,12 @@ from benchmarks.harness import (
 )
 from fastcaps import reference
 
-MEMORY_OPS = ("dynamic_routing", "capsule_routing")
+MEMORY_OPS = (
+    "dynamic_routing",
+    "capsule_routing",
+    "attention_routing",
+    "capsule_attention_routing",
+)
 
 
 def test_op(benchmark, record, device, tiny, op_case):
@@ -34,9 +40,8 @@ def test_op(benchmark, record, device, tiny, op_case):
         expected = getattr(reference, op_case.op)(*args)
         torch.testing.assert_close(fn(*args), expected, atol=1e-5, rtol=1e-4)
     if op_case.mode == "full" and op_case.op in MEMORY_OPS:
-        record(
-            saved_bytes=saved_for_backward_bytes(fn, args), peak_bytes=peak_bytes(fn, args, device)
-        )
+        peak = peak_bytes(op_case.op, op_case.provider, op_case.layer, device, not tiny)
+        record(saved_bytes=saved_for_backward_bytes(fn, args), peak_bytes=peak)
     timed, setup = mode_call(fn, args, op_case.mode)
     if device == "cuda" and not tiny:
         record(do_bench_ms=gpu_quantiles_ms(timed, setup))

@@ -50,6 +50,16 @@ def check_bias(bias: Tensor | None, n_out: int, d_out: int) -> None:
         )
 
 
+def check_prior(prior: Tensor | None, n_in: int, n_out: int) -> None:
+    if prior is None:
+        return
+    check_tensor("prior", prior, 2, "[Nin, Nout]")
+    if _shape(prior) != (n_in, n_out):
+        raise ValueError(
+            f"prior must have shape [Nin, Nout] = ({n_in}, {n_out}), got {_shape(prior)}"
+        )
+
+
 def check_same_device_and_dtype(**tensors: Tensor | None) -> None:
     """All given tensors share the first one's device and dtype."""
     named = [(k, t) for k, t in tensors.items() if t is not None]

@@ -157,11 +157,25 @@ def implementation(op: str, backend: str | None, device_tensor: Tensor) -> Calla
     choice = resolve_backend(op, backend, device_tensor)
     if choice == "triton":
         return _TRITON_OPS[op]
-    from fastcaps import reference, torch_backend
+    from fastcaps import reference
 
+    if choice == "reference":
+        return getattr(reference, op)
+    torch_op = _torch_op(op)
     if choice == "tuned":
         from fastcaps.autotune import tuned_call
 
-        candidates = {"torch": getattr(torch_backend, op), "triton": _TRITON_OPS[op]}
+        candidates = {"torch": torch_op, "triton": _TRITON_OPS[op]}
         return functools.partial(tuned_call, op, candidates)
-    return getattr(reference if choice == "reference" else torch_backend, op)
+    return torch_op
+
+
+ATTENTION_OPS = ("exp_squash", "attention_routing", "capsule_attention_routing")
+
+
+def _torch_op(op: str) -> Callable:
+    """The torch backend's function for ``op``: self-attention routing lives in
+    ``fastcaps.torch_attention``, the rest in ``fastcaps.torch_backend``."""
+    from fastcaps import torch_attention, torch_backend
+
+    return getattr(torch_attention if op in ATTENTION_OPS else torch_backend, op)

@@ -5,6 +5,7 @@ Shapes:
     weight  [Nin, Nout, Dout, Din]     transform matrices
     u_hat   [B, Nin, Nout, Dout]       prediction vectors
     bias    [Nout, Dout] or None
+    prior   [Nin, Nout] or None        self-attention routing's coupling prior
     v       [B, Nout, Dout]            output capsules
 
 ``backend``: None (``$FASTCAPS_BACKEND``, else "auto"), "auto", "torch", "triton" or "reference";
@@ -22,6 +23,7 @@ from fastcaps._validation import (
     check_bias,
     check_iterations,
     check_prediction_inputs,
+    check_prior,
     check_same_device_and_dtype,
     check_tensor,
     check_u_hat,
@@ -34,6 +36,20 @@ def squash(s: Tensor, dim: int = -1, eps: float = 1e-8, *, backend: str | None =
 
     Value and gradient are finite at s = 0 (both are 0 there).
     """
+    _check_vectors(s, dim)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it keeps squash finite at s = 0), got {eps!r}")
+    return implementation("squash", backend, s)(s, dim, eps)
+
+
+def exp_squash(s: Tensor, dim: int = -1, *, backend: str | None = None) -> Tensor:
+    """Efficient-CapsNet's squash, ``v = (1 - exp(-|s|)) s / |s|`` with ``|s|`` the norm over
+    ``dim``; any shape. 0 at s = 0, where its Jacobian is the identity."""
+    _check_vectors(s, dim)
+    return implementation("exp_squash", backend, s)(s, dim)
+
+
+def _check_vectors(s: Tensor, dim: int) -> None:
     if not isinstance(s, Tensor) or not s.is_floating_point() or s.dim() < 1:
         got = f"dtype {s.dtype}, shape {tuple(s.shape)}" if isinstance(s, Tensor) else type(s)
         raise ValueError(f"s must be a floating-point tensor with at least 1 dim, got {got}")
@@ -41,9 +57,6 @@ def squash(s: Tensor, dim: int = -1, eps: float = 1e-8, *, backend: str | None =
         raise ValueError(
             f"dim must be in [{-s.dim()}, {s.dim() - 1}] for s of shape {tuple(s.shape)}, got {dim}"
         )
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (it keeps squash finite at s = 0), got {eps!r}")
-    return implementation("squash", backend, s)(s, dim, eps)
 
 
 def predictions(u: Tensor, weight: Tensor, *, backend: str | None = None) -> Tensor:
@@ -100,6 +113,36 @@ def capsule_routing(
     _check_routing_options(iterations, bias, n_out, d_out, u=u, weight=weight)
     run = implementation("capsule_routing", backend, u)
     return run(u, weight, iterations, bias, detach_logits=detach_logits)
+
+
+def attention_routing(
+    u_hat: Tensor, prior: Tensor | None = None, *, backend: str | None = None
+) -> Tensor:
+    """Self-attention routing (Mazzia et al. 2021, Efficient-CapsNet):
+    [B, Nin, Nout, Dout] -> [B, Nout, Dout].
+
+    ``a_ij = sum_k u_hat_ij . u_hat_kj / sqrt(Dout)`` (row sums of each parent's self-attention
+    matrix), ``c_ij = softmax_j(a_ij) + prior_ij``, ``v_j = exp_squash(sum_i c_ij u_hat_ij)``.
+    Computed exactly in O(Nin): ``a_ij = u_hat_ij . (sum_k u_hat_kj) / sqrt(Dout)``.
+    """
+    check_u_hat(u_hat)
+    _, n_in, n_out, _ = u_hat.shape
+    check_prior(prior, n_in, n_out)
+    check_same_device_and_dtype(u_hat=u_hat, prior=prior)
+    return implementation("attention_routing", backend, u_hat)(u_hat, prior)
+
+
+def capsule_attention_routing(
+    u: Tensor, weight: Tensor, prior: Tensor | None = None, *, backend: str | None = None
+) -> Tensor:
+    """A whole self-attention routing layer, ``attention_routing(predictions(u, weight), prior)``:
+    [B, Nin, Din] -> [B, Nout, Dout]. The torch backend saves u, weight and O(B Nin Nout) of
+    state for backward and recomputes u_hat there."""
+    check_prediction_inputs(u, weight)
+    n_in, n_out, _, _ = weight.shape
+    check_prior(prior, n_in, n_out)
+    check_same_device_and_dtype(u=u, weight=weight, prior=prior)
+    return implementation("capsule_attention_routing", backend, u)(u, weight, prior)
 
 
 def margin_loss(

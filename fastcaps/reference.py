@@ -1,4 +1,5 @@
-"""Plain PyTorch reference, written straight from Sabour, Frosst & Hinton (2017).
+"""Plain PyTorch reference, written straight from the papers: dynamic routing (Sabour, Frosst &
+Hinton 2017) and self-attention routing (Mazzia, Salvetti & Chiaberge 2021, Efficient-CapsNet).
 
 This module is the oracle that every backend is tested against. It favours being obviously
 correct over being fast: no custom autograd, no layout tricks, no input validation.
@@ -8,10 +9,13 @@ Shapes:
     weight  [Nin, Nout, Dout, Din]     one transform per (child, parent) pair
     u_hat   [B, Nin, Nout, Dout]       prediction vectors
     bias    [Nout, Dout] or None
+    prior   [Nin, Nout] or None         self-attention routing's learned coupling prior
     v       [B, Nout, Dout]            output (parent) capsules
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +90,41 @@ def capsule_routing(
     return dynamic_routing(
         predictions(u, weight), iterations, bias, detach_logits=detach_logits, eps=eps
     )
+
+
+def exp_squash(s: Tensor, dim: int = -1) -> Tensor:
+    """Efficient-CapsNet's squash: ``v = (1 - exp(-|s|)) s / |s|`` (0 at s = 0, where its
+    Jacobian is the identity)."""
+    x = _math(s)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    factor = torch.where(norm > 0, -torch.expm1(-safe) / safe, torch.ones_like(norm))
+    return (factor * x).to(s.dtype)
+
+
+def attention_routing(u_hat: Tensor, prior: Tensor | None = None) -> Tensor:
+    """Self-attention routing (Efficient-CapsNet, Eq. 7-10): [B, Nin, Nout, Dout] ->
+    [B, Nout, Dout], forming the whole Nin x Nin attention matrix per sample and parent.
+
+    ``A_j = U_j U_j^T / sqrt(Dout)`` with ``U_j`` the [Nin, Dout] predictions for parent j; the
+    agreement of child i is the row sum of ``A_j``; the coupling is its softmax over the parents
+    plus ``prior[i, j]``; ``s_j = sum_i c_ij u_hat_ij`` and ``v = exp_squash(s)``.
+    """
+    out_dtype = u_hat.dtype
+    x = _math(u_hat)
+    per_parent = x.permute(0, 2, 1, 3)  # [B, Nout, Nin, Dout]
+    attention = per_parent @ per_parent.transpose(-1, -2) / math.sqrt(x.shape[-1])
+    agreement = attention.sum(dim=-1)  # [B, Nout, Nin]
+    c = F.softmax(agreement, dim=1)  # over the parents j, separately for every child i
+    if prior is not None:
+        c = c + prior.to(x.dtype).T
+    s = (c.unsqueeze(-1) * per_parent).sum(dim=2)
+    return exp_squash(s).to(out_dtype)
+
+
+def capsule_attention_routing(u: Tensor, weight: Tensor, prior: Tensor | None = None) -> Tensor:
+    """A self-attention routing layer: ``attention_routing(predictions(u, weight), prior)``."""
+    return attention_routing(predictions(u, weight), prior)
 
 
 def margin_loss(
