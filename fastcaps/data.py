@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import urllib.error
@@ -368,3 +369,103 @@ def random_shift(
     b = torch.arange(batch, device=images.device)[:, None, None, None]
     c = torch.arange(channels, device=images.device)[None, :, None, None]
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _folded_normal(count: int, generator: torch.Generator | None, device) -> Tensor:
+    """min(|N(0, 0.33)|, 0.9999): the authors' random amount in [0, 1)."""
+    draw = torch.randn(count, generator=generator, device=device) * 0.33
+    return draw.abs().clamp(max=0.9999)
+
+
+def _affine(images: Tensor, theta: Tensor) -> Tensor:
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
+def _margin_shifts(ink: Tensor, amounts: Tensor, directions: Tensor) -> Tensor:
+    """Per image, an integer shift along one axis that keeps the ink inside the frame:
+    ``floor(-a * before)`` or ``floor(a * (1 + after))`` (before / after: the empty lines on
+    either side); 0 for a blank image. ``ink`` [B, L] says which lines hold ink."""
+    length = ink.shape[1]
+    index = torch.arange(length, device=ink.device)
+    any_ink = ink.any(dim=1)
+    first = torch.where(ink, index, length).amin(dim=1)
+    last = torch.where(ink, index, -1).amax(dim=1)
+    before = first.to(amounts.dtype)
+    after = (length - 1 - last).to(amounts.dtype)
+    shift = torch.where(
+        directions, torch.floor(amounts * (1 + after)), torch.floor(-amounts * before)
+    )
+    return torch.where(any_ink, shift, torch.zeros_like(shift)).long()
+
+
+def efficient_augment(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Efficient-CapsNet's training augmentation (the authors' MNIST pipeline), per image of
+    [B, C, H, W] in [0, 1], in their order:
+
+    1. half of the images rotated about the centre by 30 deg x N(0, 0.33) (clipped to +-30);
+    2. a shift along each axis by a random part of the empty margin on a random side, so no ink
+       leaves the frame;
+    3. a horizontal squish: resized to W - w columns (w = 1..7, mostly small) and placed w // 2
+       (+ 0 or 1) columns from the left;
+    4. a 4 x 4 patch set to 0 at a random place at least 4 pixels from the top and left.
+
+    Deviations: bilinear resampling for the rotation and the squish (the authors use OpenCV's
+    bilinear warp and an anti-aliased Lanczos resize); all draws come from ``generator``, on the
+    images' device, one batch at a time.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}")
+    batch, _, height, width = images.shape
+    if batch == 0:
+        return images
+    draw_device = generator.device if generator is not None else images.device
+    dtype, device = images.dtype, images.device
+
+    def uniform(n: int) -> Tensor:
+        return torch.rand(n, generator=generator, device=draw_device).to(device)
+
+    def folded(n: int) -> Tensor:
+        return _folded_normal(n, generator, draw_device).to(device)
+
+    # 1. rotation (applied where the second draw is <= 0, as the authors' tf.cond)
+    draws = (torch.randn(2, batch, generator=generator, device=draw_device) * 0.33).to(device)
+    angle = draws[0].clamp(-0.9999, 0.9999) * (math.pi / 6)
+    rotate = draws[1] <= 0
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    rotated = _affine(images, theta.to(dtype))
+    images = torch.where(rotate[:, None, None, None], rotated, images)
+
+    # 2. shift within the margins (dy from the rows, dx from the columns)
+    ink = images.detach().sum(dim=1) > 0  # [B, H, W]
+    sides = uniform(2 * batch).view(2, batch) >= 0.5
+    amounts = folded(2 * batch).view(2, batch)
+    dy = _margin_shifts(ink.any(dim=2), amounts[0], sides[0])
+    dx = _margin_shifts(ink.any(dim=1), amounts[1], sides[1])
+    rows = (torch.arange(height, device=device) - dy[:, None]).clamp(-1, height)  # source rows
+    cols = (torch.arange(width, device=device) - dx[:, None]).clamp(-1, width)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    c = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    images = padded[b, c, (rows + 1)[:, None, :, None], (cols + 1)[:, None, None, :]]
+
+    # 3. horizontal squish: output column x shows input column (x - offset) * W / (W - w)
+    squeeze = torch.floor(folded(batch) * (width // 4) + 1)
+    offset = torch.div(squeeze, 2, rounding_mode="floor") + torch.floor(folded(batch) * 2)
+    scale = width / (width - squeeze)
+    ones = torch.ones_like(scale)
+    theta = torch.stack([
+        torch.stack([scale, zero, scale - 1 - 2 * offset / (width - squeeze)], 1),
+        torch.stack([zero, ones, zero], 1),
+    ], 1)  # fmt: skip
+    images = _affine(images, theta.to(dtype))
+
+    # 4. erase a 4 x 4 patch with its corner in [4, H - 6] x [4, W - 6]
+    top = (torch.floor(uniform(batch) * (height - 9)) + 4).long()
+    left = (torch.floor(uniform(batch) * (width - 9)) + 4).long()
+    r = torch.arange(height, device=device)[None, :] - top[:, None]  # [B, H]
+    q = torch.arange(width, device=device)[None, :] - left[:, None]
+    patch = ((r >= 0) & (r < 4))[:, :, None] & ((q >= 0) & (q < 4))[:, None, :]
+    return images.masked_fill(patch[:, None], 0.0)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastcaps.data import DatasetError, load_idx_dataset, to_images
-from fastcaps.nn import CapsNet
+from fastcaps.nn import CapsuleClassifier
 from fastcaps.runs import METRICS, CheckpointError, RunFolderError, read_config, read_jsonl
 
 TWEAKS = torch.arange(-5, 6) * 0.05  # -0.25 .. 0.25
@@ -77,7 +77,9 @@ def _as_images(flat: Tensor, like: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def draw_reconstructions(model: CapsNet, images: Tensor, path: Path, count: int = 12) -> Path:
+def draw_reconstructions(
+    model: CapsuleClassifier, images: Tensor, path: Path, count: int = 12
+) -> Path:
     """``images``: float [N, C, H, W] in [0, 1]."""
     plt = _pyplot()
     images = images[:count]
@@ -97,7 +99,7 @@ def draw_reconstructions(model: CapsNet, images: Tensor, path: Path, count: int 
 
 
 @torch.no_grad()
-def perturbed_reconstructions(model: CapsNet, image: Tensor) -> tuple[Tensor, int]:
+def perturbed_reconstructions(model: CapsuleClassifier, image: Tensor) -> tuple[Tensor, int]:
     """[digit_dim, len(TWEAKS), C, H, W] decodings of one image's predicted-class capsule with
     each dimension tweaked, and that class."""
     prediction = model.predict(image[None])
@@ -114,7 +116,7 @@ def perturbed_reconstructions(model: CapsNet, image: Tensor) -> tuple[Tensor, in
     return decoded.reshape(dims, len(tweaks), *image.shape), cls
 
 
-def draw_perturbation(model: CapsNet, images: Tensor, path: Path, count: int = 2) -> Path:
+def draw_perturbation(model: CapsuleClassifier, images: Tensor, path: Path, count: int = 2) -> Path:
     plt = _pyplot()
     panels = [perturbed_reconstructions(model, images[k]) for k in range(min(count, len(images)))]
     dims, steps = panels[0][0].shape[:2]
@@ -142,7 +144,9 @@ def draw_perturbation(model: CapsNet, images: Tensor, path: Path, count: int = 2
     return path
 
 
-def draw_figures(run_dir: Path, model: CapsNet, images: Tensor, labels: Tensor) -> list[Path]:
+def draw_figures(
+    run_dir: Path, model: CapsuleClassifier, images: Tensor, labels: Tensor
+) -> list[Path]:
     """All three figures into ``run_dir``; ``images`` are uint8 or float test images."""
     run_dir = Path(run_dir)
     model.eval()
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         data_dir = args.data_dir or config.get("data_dir")
         if args.data_dir is None and not (data_dir and Path(data_dir).is_absolute()):
             parser.error("the run's config.json names no absolute data folder; pass --data-dir")
-        model = CapsNet.from_checkpoint(
+        model = CapsuleClassifier.from_checkpoint(
             args.run_dir / args.checkpoint, map_location=args.device, backend="torch"
         )
         images, labels = load_idx_dataset(config["dataset"], "test", data_dir, download=False)

@@ -22,6 +22,7 @@ from fastcaps.data import DATASETS, DatasetError
 from fastcaps.runs import LAST, CheckpointError, RunFolderError
 from fastcaps.training import (
     AMP_DTYPES,
+    AUGMENTATIONS,
     MODEL_PRESETS,
     Interrupted,
     RunError,
@@ -46,7 +47,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     d = TrainConfig()
     p = _Parser(
         prog=prog,
-        description="Train a CapsNet (Sabour et al. 2017) with dynamic routing. Defaults are the "
+        description="Train a CapsNet (Sabour et al. 2017) with dynamic routing, or "
+        "Efficient-CapsNet (Mazzia et al. 2021) with self-attention routing. Defaults are each "
         "paper's recipe on full MNIST; the best epoch is chosen on a validation split held out of "
         "the training images and the test set is evaluated once, at the end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -62,15 +64,22 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--resume", default=d.resume, help="continue the run in this folder (or from this "
         "checkpoint) exactly where it stopped, with all of its configuration")  # fmt: skip
     add("--model", choices=sorted(MODEL_PRESETS), default=d.model,
-        help="paper: Sabour et al.'s network; small: a tiny one for smoke tests")  # fmt: skip
+        help="paper: Sabour et al.'s CapsNet; small: a tiny one for smoke tests; efficient: "
+        "Efficient-CapsNet (Mazzia et al. 2021), trained with the authors' recipe (--lr 5e-4 "
+        "--lr-decay 0.97 --lr-min 5e-5 --batch-size 16 --augment efficient --epochs 150) "
+        "unless those flags are given")  # fmt: skip
     add("--epochs", type=int, default=d.epochs, help="epochs in all (more extends a resumed run)")
     add("--batch-size", type=int, default=d.batch_size, help="images per step (per process)")
     add("--lr", type=float, default=d.lr, help="Adam learning rate, > 0")
     add("--lr-decay", type=float, default=d.lr_decay,
         help="learning rate factor after every epoch, in (0, 1]")  # fmt: skip
-    add("--iterations", type=int, default=d.iterations, help="routing iterations")
+    add("--lr-min", type=float, default=d.lr_min, help="the decay stops at this learning rate")
+    add("--iterations", type=int, default=d.iterations, help="routing iterations (CapsNet)")
     add("--recon-weight", type=float, default=d.recon_weight,
         help="weight of the reconstruction loss (sum of squared errors per image)")  # fmt: skip
+    add("--augment", choices=AUGMENTATIONS, default=d.augment,
+        help="shift: random shifts of up to --max-shift pixels; efficient: Efficient-CapsNet's "
+        "rotate / shift / squish / erase; none")  # fmt: skip
     add("--max-shift", type=int, default=d.max_shift,
         help="random shift augmentation in pixels (0 disables it)")  # fmt: skip
     add("--val-size", type=int, default=d.val_size,
