@@ -61,7 +61,7 @@ REPORT_LAYERS = [
 ]
 CHECK_LAYERS = [mnist(32), mnist(128), Layer("cifar", 128, 2048, 10),
                 Layer("classes100", 32, 1152, 100)]  # fmt: skip
-OPS = ("capsule_routing", "dynamic_routing", "predictions", "squash")
+OPS = ("capsule_routing", "dynamic_routing", "predictions", "squash", "exp_squash")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def _inputs(op: str, layer: Layer, dtype, device: str, bias: bool = False):
     u = torch.randn(layer.B, layer.Nin, layer.Din, generator=g) / 3
     weight = 0.05 * torch.randn(layer.Nin, layer.Nout, layer.Dout, layer.Din, generator=g)
     leaf = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
-    if op == "squash":
+    if op in ("squash", "exp_squash"):
         return (leaf(u),)
     if op == "predictions":
         return leaf(u), leaf(weight)
@@ -154,7 +154,7 @@ def _inputs(op: str, layer: Layer, dtype, device: str, bias: bool = False):
 
 
 def _call(op: str, implementation, args, layer: Layer, detach_logits: bool = False):
-    if op == "squash":
+    if op in ("squash", "exp_squash"):
         return implementation(args[0])
     if op == "predictions":
         return implementation(*args)
@@ -228,6 +228,7 @@ def torch_backend_ops(op: str, layer: Layer, dtype) -> list[AtenOp]:
 
     from benchmarks.static_sm90 import HOPPER
     from fastcaps import torch_backend
+    from fastcaps.backend import _torch_op
 
     def nbytes(x) -> int:
         return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
@@ -264,7 +265,7 @@ def torch_backend_ops(op: str, layer: Layer, dtype) -> list[AtenOp]:
     torch_backend.accumulates_in_place = lambda device: False
     try:
         with Recorder():
-            out = _call(op, getattr(torch_backend, op), args, layer)
+            out = _call(op, _torch_op(op), args, layer)
             phase["name"] = "backward"
             torch.autograd.grad(out, args, torch.ones_like(out))
     finally:
@@ -612,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
             ("capsule_routing", Layer("classes100", 128, 1152, 100), "bfloat16", {}),
             ("predictions", mnist(32), "float32", {}),
             ("squash", mnist(32), "float32", {}),
+            ("squash", mnist(32), "float64", {}),
+            ("exp_squash", mnist(32), "float32", {}),
+            ("exp_squash", mnist(32), "float64", {}),
         ]
     elif args.quick:
         cases = [("capsule_routing", mnist(b), d, {}) for b in (32, 128)

@@ -26,12 +26,14 @@ ENV_VAR = "FASTCAPS_AUTOTUNE"
 CANDIDATES = ("torch", "triton")
 # The choice on CUDA without timing: what the static sm_90 model prefers at every layer of its
 # report (benchmarks/results/static-sm90/report.md; B = 32 .. 2048, float32 and bfloat16): the
-# Triton routing layers and squash, and the torch backend's batched matmul for predictions.
+# Triton routing layers, squash and exp_squash, and the torch backend's batched matmul for
+# predictions.
 STATIC_RULE = {
     "capsule_routing": "triton",
     "dynamic_routing": "triton",
     "predictions": "torch",
     "squash": "triton",
+    "exp_squash": "triton",
 }
 
 

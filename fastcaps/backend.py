@@ -30,6 +30,7 @@ _TRITON_OPS: dict[str, Callable] = {}
 # Imported on the first call that may use Triton, so `import fastcaps` never imports triton.
 _TRITON_MODULES = (
     "fastcaps.triton_squash",
+    "fastcaps.triton_exp_squash",
     "fastcaps.triton_predictions",
     "fastcaps.triton_routing",
     "fastcaps.triton_capsule_routing",

@@ -77,16 +77,27 @@ class RowLaunch:
     grid: tuple[int]
 
 
-def row_launch(n_rows: int, d: int, max_elements: int = 4096, min_programs: int = 1) -> RowLaunch:
+def row_launch(
+    n_rows: int, d: int, max_elements: int = 4096, min_programs: int = 1, per_thread: int = 16
+) -> RowLaunch:
     """Whole rows per program (D is padded to a power of two and masked), up to ``max_elements``
-    per program, fewer when that leaves under ``min_programs`` programs."""
+    per program, fewer when that leaves under ``min_programs`` programs; about ``per_thread``
+    values per thread."""
     block_d = triton.next_power_of_2(d)
     block_rows = min(triton.next_power_of_2(max(n_rows, 1)), max(1, max_elements // block_d))
     while block_rows > 1 and triton.cdiv(n_rows, block_rows) < min_programs:
         block_rows //= 2
     # about 16 values per thread: the squash backward's IEEE divisions spill with more
-    num_warps = max(1, min(8, block_rows * block_d // 512))
+    num_warps = max(1, min(8, block_rows * block_d // (32 * per_thread)))
     return RowLaunch(block_rows, block_d, num_warps, (triton.cdiv(n_rows, block_rows),))
+
+
+def vector_launch(n_rows: int, d: int, dtype: torch.dtype) -> RowLaunch:
+    """The squash and exp_squash kernels (a vector per row): 16 values per thread, 8 in float64
+    (whose backward spills at 16 on sm_90)."""
+    if dtype == torch.float64:
+        return row_launch(n_rows, d, max_elements=2048, per_thread=8)
+    return row_launch(n_rows, d)
 
 
 @dataclass(frozen=True)

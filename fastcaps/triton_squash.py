@@ -11,7 +11,7 @@ from fastcaps import reference
 from fastcaps.backend import register_triton_op
 from fastcaps.kernels.squash import squash_backward_kernel, squash_forward_kernel
 from fastcaps.torch_backend import graph_grads
-from fastcaps.triton_launch import COMPILER_OPTIONS, compute_dtype, row_launch
+from fastcaps.triton_launch import COMPILER_OPTIONS, compute_dtype, vector_launch
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -24,7 +24,7 @@ def squash_forward(s: Tensor, eps: float) -> Tensor:
     s2 = _rows(s)
     v = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
     if s2.numel():
-        launch = row_launch(*s2.shape)
+        launch = vector_launch(*s2.shape, s.dtype)
         squash_forward_kernel[launch.grid](
             s2, v, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1), eps,
             COMPUTE_DTYPE=compute_dtype(s.dtype), BLOCK_ROWS=launch.block_rows,
@@ -39,7 +39,7 @@ def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
     s2, g2 = _rows(s), _rows(grad_v)
     grad_s = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
     if s2.numel():
-        launch = row_launch(*s2.shape)
+        launch = vector_launch(*s2.shape, s.dtype)
         squash_backward_kernel[launch.grid](
             s2, g2, grad_s, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1),
             g2.stride(0), g2.stride(1), eps, COMPUTE_DTYPE=compute_dtype(s.dtype),

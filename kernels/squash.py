@@ -153,3 +153,86 @@ def squash_backward_kernel(
     grad_s = squash_rows_backward(s, grad_v, eps)
     out_offsets = rows[:, None] * d + cols[None, :]
     tl.store(grad_s_ptr + out_offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# exp_squash (Efficient-CapsNet): v = (1 - exp(-|s|)) s / |s|
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _one_minus_exp_neg_over(r):
+    """(1 - exp(-r)) / r for 0 <= r < 0.5, by its Taylor series (15 terms: below float64's
+    rounding at r = 0.5); ``1 - exp(-r)`` itself cancels for small r."""
+    out = tl.full(r.shape, 1.0, r.dtype)
+    for n in tl.static_range(15, 0, -1):  # Horner: 1 - r/2 (1 - r/3 (1 - ...))
+        out = 1.0 - r * out * (1.0 / (n + 1.0))
+    return out
+
+
+@triton.jit
+def exp_squash_factors(s, huge):
+    """exp_squash's pieces for every row of a [rows, D] block, for any finite s (the norm as in
+    ``squash_factors``): u = s / |s| [rows, D] (0 for a zero row) and per row [rows]
+    g = 1 - exp(-|s|) (the output length), f = g / |s| (1 at s = 0) and g' = exp(-|s|)."""
+    m = tl.max(tl.abs(s), axis=1)
+    positive = m > 0
+    one = tl.full(m.shape, 1.0, m.dtype)
+    pre = tl.where(m < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+    inv_m = div_rn(one, tl.where(positive, m * pre, 1.0))
+    t = (s * pre[:, None]) * inv_m[:, None]
+    t_norm = sqrt_rn(tl.sum(t * t, axis=1))
+    u = t * div_rn(one, tl.where(positive, t_norm, 1.0))[:, None]
+    inv_r = tl.minimum(div_rn(inv_m * pre, t_norm), huge)  # 1 / |s|, clamped
+    r = m * t_norm  # may round to inf; then exp(-r) = 0, g = 1 and f = 0
+    small = r < 0.5
+    series = _one_minus_exp_neg_over(tl.where(small, r, 0.0))
+    dg = tl.exp(-r)
+    g = tl.where(small, r * series, 1.0 - dg)
+    f = tl.where(small, series, g * tl.where(positive, inv_r, 0.0))
+    return u, g, f, dg
+
+
+@triton.jit
+def exp_squash_forward_kernel(
+    s_ptr,
+    v_ptr,
+    n_rows,
+    d,
+    stride_s_row,
+    stride_s_col,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
+    s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
+    u, g, _f, _dg = exp_squash_factors(s, _largest(s))
+    v = u * g[:, None]
+    tl.store(v_ptr + rows[:, None] * d + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def exp_squash_backward_kernel(
+    s_ptr,
+    grad_v_ptr,
+    grad_s_ptr,
+    n_rows,
+    d,
+    stride_s_row,
+    stride_s_col,
+    stride_g_row,
+    stride_g_col,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad s = ``f (gv - (u . gv) u) + g' (u . gv) u`` (the identity at s = 0)."""
+    rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
+    s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
+    grad_v = _load_block(grad_v_ptr, rows, cols, mask, stride_g_row, stride_g_col, COMPUTE_DTYPE)
+    u, _g, f, dg = exp_squash_factors(s, _largest(s))
+    radial = tl.sum(u * grad_v, axis=1)[:, None]
+    grad_s = f[:, None] * (grad_v - radial * u) + (dg[:, None] * radial) * u
+    out_offsets = rows[:, None] * d + cols[None, :]
+    tl.store(grad_s_ptr + out_offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)

@@ -2,6 +2,7 @@
 capsule_attention_routing on every backend that has them, against fastcaps.reference (which
 forms the whole Nin x Nin attention matrix) in value and every gradient."""
 
+import importlib.util
 import itertools
 import math
 
@@ -12,10 +13,39 @@ import fastcaps
 from conftest import SHAPES, Shape, as_float64_leaf, assert_close, grads, make_layer_inputs
 from fastcaps import reference
 
-DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16"}
+CUDA = torch.cuda.is_available()
+TRITON = importlib.util.find_spec("triton") is not None
+DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16",
+               torch.float16: "f16"}  # fmt: skip
 BACKEND_DTYPES = [("torch", torch.float64), ("torch", torch.float32), ("torch", torch.bfloat16)]
-ALL = [pytest.param(b, d, id=f"{b}-{DTYPE_NAMES[d]}") for b, d in BACKEND_DTYPES]
-FLOAT64 = [pytest.param("torch", torch.float64, id="torch-f64")]
+# exp_squash has Triton kernels (the interpreter has no half-precision arithmetic)
+TRITON_DTYPES = [("triton", torch.float64), ("triton", torch.float32)] + (
+    [("triton", torch.float16), ("triton", torch.bfloat16)] if CUDA else []
+)
+
+
+def backend_params(pairs):
+    skip_triton = pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+    return [
+        pytest.param(b, d, id=f"{b}-{DTYPE_NAMES[d]}", marks=[skip_triton] if b == "triton" else [])
+        for b, d in pairs
+    ]
+
+
+ALL = backend_params(BACKEND_DTYPES)
+FLOAT64 = backend_params([("torch", torch.float64)])
+EXP_SQUASH = backend_params(BACKEND_DTYPES + TRITON_DTYPES)
+
+
+@pytest.fixture
+def on_device(device, backend):
+    """The device fixture, minus CPU for triton when a GPU is present (the interpreter is only
+    switched on for machines without one)."""
+    if backend == "triton" and device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    return device
+
+
 ATTENTION_SHAPES = [*SHAPES, Shape(3, 16, 10, 16, 8)]  # + Efficient-CapsNet's layer
 
 
@@ -79,11 +109,13 @@ def test_reference_is_the_papers_formula():
 
 
 @pytest.mark.parametrize("dim", [-1, 0, 1], ids=lambda d: f"dim{d}")
-@pytest.mark.parametrize("backend,dtype", ALL)
-def test_exp_squash_matches_reference(device, backend, dtype, dim):
+@pytest.mark.parametrize("backend,dtype", EXP_SQUASH)
+def test_exp_squash_matches_reference(on_device, backend, dtype, dim):
+    device = on_device
     g = torch.Generator().manual_seed(7)
     s64 = torch.randn(5, 7, 13, generator=g, dtype=torch.float64) * 2
     s64[1, 2] = 0  # a zero vector (along the last dim)
+    s64[2] *= 0.01  # norms on both sides of the kernels' series / exponential switch at 0.5
     s = s64.to(device=device, dtype=dtype).requires_grad_()
     v = fastcaps.exp_squash(s, dim=dim, backend=backend)
     s_ref = as_float64_leaf(s)
@@ -97,7 +129,35 @@ def test_exp_squash_matches_reference(device, backend, dtype, dim):
     assert_close(gs, gs_ref, dtype, "grad s")
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend,dtype", EXP_SQUASH)
+def test_exp_squash_is_exact_at_every_norm(on_device, backend, dtype):
+    """Norms across the Triton kernel's switch from its series (|s| < 0.5) to 1 - exp(-|s|),
+    against the float64 reference (``expm1``): float64 to 1e-14, the others to their table."""
+    norms = [1e-30, 1e-8, 1e-3, 0.1, 0.3, 0.45, 0.4999, 0.5, 0.5001, 0.7, 1, 3, 10, 50, 1e10, 1e30]
+    g = torch.Generator().manual_seed(12)
+    directions = torch.randn(len(norms), 7, generator=g, dtype=torch.float64)
+    s64 = directions / directions.norm(dim=-1, keepdim=True) * torch.tensor(norms)[:, None]
+    s = s64.to(device=on_device, dtype=dtype).requires_grad_()
+    v = fastcaps.exp_squash(s, backend=backend)
+    s_ref = as_float64_leaf(s)
+    v_ref = reference.exp_squash(s_ref)
+    grad_v = torch.randn(s.shape, generator=g, dtype=torch.float64)
+    (gs,) = grads(v, (s,), grad_v.to(on_device))
+    (gs_ref,) = grads(v_ref, (s_ref,), grad_v)
+    if dtype == torch.float64:
+        torch.testing.assert_close(v.cpu(), v_ref, rtol=1e-14, atol=1e-300)
+        torch.testing.assert_close(gs.cpu(), gs_ref, rtol=1e-13, atol=1e-300)
+    else:
+        assert_close(v, v_ref, dtype, "v")
+        assert_close(gs, gs_ref, dtype, "grad s")
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["reference", "torch",
+     pytest.param("triton", marks=pytest.mark.skipif(not TRITON or CUDA, reason="the triton "
+                  "backend on CPU tensors needs triton and the interpreter (no GPU)"))],
+)  # fmt: skip
 def test_exp_squash_at_zero_and_at_extreme_norms(backend):
     """0 with an identity Jacobian at s = 0; finite and right for tiny and huge norms."""
     zero = torch.zeros(4, dtype=torch.float64)
@@ -121,8 +181,10 @@ def test_exp_squash_at_zero_and_at_extreme_norms(backend):
     torch.testing.assert_close(gs[2], torch.ones(3), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend,dtype", FLOAT64)
-def test_gradcheck_and_gradgradcheck_float64(device, backend, dtype):
+@pytest.mark.parametrize("backend,dtype", backend_params([("torch", torch.float64),
+                                                         ("triton", torch.float64)]))  # fmt: skip
+def test_gradcheck_and_gradgradcheck_float64(on_device, backend, dtype):
+    device = on_device
     g = torch.Generator().manual_seed(8)
     opts = dict(dtype=dtype, requires_grad=True)
     u = torch.randn(2, 5, 3, generator=g, **opts)
@@ -137,6 +199,8 @@ def test_gradcheck_and_gradgradcheck_float64(device, backend, dtype):
         (lambda x, p: fastcaps.attention_routing(x, p, backend=backend), (u_hat, prior)),
         (lambda x: fastcaps.exp_squash(x, backend=backend), (s,)),
     ]  # fmt: skip
+    if backend == "triton":  # only exp_squash has Triton kernels
+        cases = cases[2:]
     for fn, inputs in cases:
         assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
         assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
@@ -231,6 +295,9 @@ def test_bad_input_names_the_argument():
         fastcaps.exp_squash(torch.ones(3, 4), dim=2)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         fastcaps.attention_routing(u_hat, backend="cuda")
+    if TRITON:
+        with pytest.raises(NotImplementedError, match="no kernel for attention_routing yet"):
+            fastcaps.attention_routing(u_hat, backend="triton")
 
 
 def test_the_row_sum_identity_that_makes_it_linear():

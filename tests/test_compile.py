@@ -13,12 +13,23 @@ import torch
 
 import fastcaps
 from conftest import Shape, make_layer_inputs
-from fastcaps.nn import CapsNet
+from fastcaps.nn import CapsNet, EfficientCapsNet
 
 CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="the triton backend needs triton"
 )
+
+
+def small_efficient_capsnet(backend: str, device) -> EfficientCapsNet:
+    torch.manual_seed(0)
+    model = EfficientCapsNet(
+        image_size=12, conv_channels=(4, 4, 4, 16), primary_capsules=4, primary_dim=4,
+        digit_dim=6, decoder_sizes=(16,), backend=backend,
+    )  # fmt: skip
+    with torch.no_grad():
+        model.digits.prior.normal_()  # a prior that is not zero, so its gradient path counts
+    return model.to(device=device, dtype=torch.float64)
 
 
 def small_capsnet(backend: str, device) -> CapsNet:
@@ -31,9 +42,10 @@ def small_capsnet(backend: str, device) -> CapsNet:
     return model.to(device=device, dtype=torch.float64)
 
 
-def compile_and_compare(backend: str, compiler: str, device) -> None:
-    """Compiled and eager CapsNet agree in outputs and parameter gradients."""
-    model = small_capsnet(backend, device)
+def compile_and_compare(backend: str, compiler: str, device, build=None) -> None:
+    """Compiled and eager networks (a small CapsNet unless ``build`` says otherwise) agree in
+    outputs and parameter gradients."""
+    model = (build or small_capsnet)(backend, device)
     images = torch.rand(3, 1, 12, 12, dtype=torch.float64, device=device)
     labels = torch.tensor([0, 4, 9], device=device)
 
@@ -61,6 +73,10 @@ def test_torch_backend_compiles_without_graph_breaks():
     compile_and_compare("torch", "inductor", "cpu")
 
 
+def test_efficient_capsnet_compiles_without_graph_breaks():
+    compile_and_compare("torch", "inductor", "cpu", small_efficient_capsnet)
+
+
 @needs_triton
 def test_triton_ops_trace_without_graph_breaks():
     if CUDA:
@@ -76,6 +92,7 @@ def _opcheck_cases(device):
     ops = torch.ops.fastcaps
     return {
         "squash": (ops.squash.default, (u_hat.detach()[:, 0].requires_grad_(), 1e-8)),
+        "exp_squash": (ops.exp_squash.default, (u_hat.detach()[:, 0].requires_grad_(),)),
         "predictions": (ops.predictions.default, (u, weight)),
         "dynamic_routing": (ops.dynamic_routing.default, (u_hat, bias, 2, False, 1e-8)),
         "dynamic_routing-detach": (ops.dynamic_routing.default, (u_hat, None, 3, True, 1e-8)),
@@ -89,6 +106,7 @@ def _opcheck_cases(device):
     "case",
     [
         "squash",
+        "exp_squash",
         "predictions",
         "dynamic_routing",
         "dynamic_routing-detach",
