@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["routing", "peak-rss", "train-step"])
     p.add_argument("--batch", type=int, nargs="+", default=None)
-    p.add_argument("--budgets-mib", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument("--budgets-mib", type=int, nargs="*", default=[2, 4, 8, 16, 32])
     p.add_argument(
         "--baseline-from", type=Path, default=None,
         help="train-step: a checkout to compare with (e.g. a worktree of main~1)",
