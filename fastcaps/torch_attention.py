@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from fastcaps import reference
-from fastcaps.torch_backend import compute_dtype, graph_grads
+from fastcaps.torch_backend import compute_dtype, directions, graph_grads, tangential_radial
 
 # ----------------------------------------------------------------------------------------------
 # exp_squash along the last dim
@@ -36,11 +36,7 @@ def exp_squash_factors(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     g' = exp(-|s|); the last three [..., 1]. The norm is taken of s scaled by its largest
     entry, so it neither overflows nor underflows; |s| itself may round to inf (then g = 1,
     f = 0)."""
-    m = s.abs().amax(dim=-1, keepdim=True)
-    positive = m > 0
-    t = s / torch.where(positive, m, 1.0)
-    t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    u = t / torch.where(positive, t_norm, 1.0)
+    m, t_norm, u = directions(s)
     r = m * t_norm
     g = -torch.expm1(-r)
     f = torch.where(r > 0, g / torch.where(r > 0, r, 1.0), 1.0)
@@ -56,8 +52,7 @@ def exp_squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
     """``f (gv - (u . gv) u) + g' (u . gv) u``: the tangential and radial parts (the identity
     at s = 0)."""
     u, _, f, dg = exp_squash_factors(s)
-    radial = (u * grad_v).sum(dim=-1, keepdim=True)
-    return f * (grad_v - radial * u) + dg * radial * u
+    return tangential_radial(u, f, dg, grad_v)
 
 
 class ExpSquashFunction(torch.autograd.Function):

@@ -135,6 +135,17 @@ def routing_graph_grads(
 # ----------------------------------------------------------------------------------------------
 
 
+def directions(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per vector of the last dim, without overflow or underflow: m = max |s_d| and t, the norm
+    of s / m ([..., 1] each; |s| = m t), and the unit vector u = s / |s| (0 for a zero
+    vector)."""
+    m = torch.linalg.vector_norm(s, ord=float("inf"), dim=-1, keepdim=True)
+    positive = m > 0
+    t = s / torch.where(positive, m, 1.0)
+    t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    return m, t_norm, t / torch.where(positive, t_norm, 1.0)
+
+
 def squash_factors(
     s: Tensor, eps: float, slope: bool = True
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -151,13 +162,8 @@ def squash_factors(
     Returns (u, g, f, g'), the last three [..., 1]; f and g' are None unless ``slope``.
     """
     huge = torch.finfo(s.dtype).max
-    m = s.abs().amax(dim=-1, keepdim=True)
-    positive = m > 0
-    safe_m = torch.where(positive, m, 1.0)
-    t = s / safe_m
-    t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    u = t / torch.where(positive, t_norm, 1.0)
-    inv_r = torch.clamp(safe_m.reciprocal() / t_norm, max=huge)
+    m, t_norm, u = directions(s)
+    inv_r = torch.clamp(torch.where(m > 0, m, 1.0).reciprocal() / t_norm, max=huge)
     w = torch.clamp(inv_r * math.sqrt(eps), max=huge)  # sqrt(eps) / r
     b = torch.hypot(w, torch.ones_like(w)).reciprocal()
     g = b / (1 + inv_r * inv_r)
@@ -180,10 +186,12 @@ def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
     well-conditioned formula: ``f (gv - (u . gv) u) + g'(|s|) (u . gv) u`` with u = s / |s| (the
     plain ``f gv + 2 f'(n) (s . gv) s`` cancels catastrophically for |s| >> 1). 0 at s = 0."""
     u, _, f, dg = squash_factors(s, eps)
-    return _squash_backward_from(u, f, dg, grad_v)
+    return tangential_radial(u, f, dg, grad_v)
 
 
-def _squash_backward_from(u: Tensor, f: Tensor, dg: Tensor, grad_v: Tensor) -> Tensor:
+def tangential_radial(u: Tensor, f: Tensor, dg: Tensor, grad_v: Tensor) -> Tensor:
+    """grad s of v = g(|s|) u: ``f (gv - (u . gv) u) + g' (u . gv) u`` (f = g / |s|,
+    g' = dg / d|s|, [..., 1] each)."""
     radial = (u * grad_v).sum(dim=-1, keepdim=True)
     return f * (grad_v - radial * u) + dg * radial * u
 
@@ -326,7 +334,7 @@ def route_backward(
     grad_s_total = torch.zeros_like(grad_v)
     for k, r in enumerate(steps):
         grad_out = grad_later + grad_v if r == iterations - 1 else grad_later
-        grad_s = _squash_backward_from(u_all[r], f_all[r], dg_all[r], grad_out)
+        grad_s = tangential_radial(u_all[r], f_all[r], dg_all[r], grad_out)
         grad_s_total += grad_s
         c = coefficients[:, :, k]
         coef_columns.append(c)

@@ -1,6 +1,6 @@
-"""exp_squash (Efficient-CapsNet) on Triton: host launchers, registered as the
-``torch.library`` ops ``fastcaps::exp_squash`` and ``fastcaps::exp_squash_backward`` with
-autograd and fake (shape-only) implementations (kernels in fastcaps.kernels.squash)."""
+"""exp_squash (Efficient-CapsNet) on Triton, registered as the ``torch.library`` ops
+``fastcaps::exp_squash`` and ``fastcaps::exp_squash_backward`` with autograd and fake
+(shape-only) implementations. The squash kernels and launchers serve it (their EXP flag)."""
 
 from __future__ import annotations
 
@@ -9,48 +9,14 @@ from torch import Tensor
 
 from fastcaps import reference
 from fastcaps.backend import register_triton_op
-from fastcaps.kernels.squash import exp_squash_backward_kernel, exp_squash_forward_kernel
 from fastcaps.torch_backend import graph_grads
-from fastcaps.triton_launch import COMPILER_OPTIONS, compute_dtype, vector_launch
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
-def exp_squash_forward(s: Tensor) -> Tensor:
-    """exp_squash over the last dim of any shape; output contiguous, in s's dtype."""
-    s2 = _rows(s)
-    v = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
-    if s2.numel():
-        launch = vector_launch(*s2.shape, s.dtype)
-        exp_squash_forward_kernel[launch.grid](
-            s2, v, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1),
-            COMPUTE_DTYPE=compute_dtype(s.dtype), BLOCK_ROWS=launch.block_rows,
-            BLOCK_D=launch.block_d, num_warps=launch.num_warps, **COMPILER_OPTIONS,
-        )  # fmt: skip
-    return v.view(s.shape)
-
-
-def exp_squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
-    """grad s of exp_squash over the last dim, given s and grad v of the same shape."""
-    s2, g2 = _rows(s), _rows(grad_v)
-    grad_s = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
-    if s2.numel():
-        launch = vector_launch(*s2.shape, s.dtype)
-        exp_squash_backward_kernel[launch.grid](
-            s2, g2, grad_s, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1),
-            g2.stride(0), g2.stride(1), COMPUTE_DTYPE=compute_dtype(s.dtype),
-            BLOCK_ROWS=launch.block_rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
-            **COMPILER_OPTIONS,
-        )  # fmt: skip
-    return grad_s.view(s.shape)
+from fastcaps.triton_squash import squash_backward, squash_forward
 
 
 @torch.library.custom_op("fastcaps::exp_squash", mutates_args=())
 def exp_squash_op(s: Tensor) -> Tensor:
     """exp_squash over the last dim (the Triton forward kernel)."""
-    return exp_squash_forward(s)
+    return squash_forward(s, 0.0, exp=True)
 
 
 @exp_squash_op.register_fake
@@ -61,7 +27,7 @@ def _(s: Tensor) -> Tensor:
 @torch.library.custom_op("fastcaps::exp_squash_backward", mutates_args=())
 def exp_squash_backward_op(s: Tensor, grad_v: Tensor) -> Tensor:
     """grad s of ``fastcaps::exp_squash`` (the Triton backward kernel)."""
-    return exp_squash_backward(s, grad_v)
+    return squash_backward(s, grad_v, 0.0, exp=True)
 
 
 @exp_squash_backward_op.register_fake

@@ -19,14 +19,15 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def squash_forward(s: Tensor, eps: float) -> Tensor:
-    """squash over the last dim of any shape; output contiguous, in s's dtype."""
+def squash_forward(s: Tensor, eps: float, exp: bool = False) -> Tensor:
+    """squash (or with ``exp`` exp_squash, eps unused) over the last dim of any shape; output
+    contiguous, in s's dtype."""
     s2 = _rows(s)
     v = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
     if s2.numel():
         launch = vector_launch(*s2.shape, s.dtype)
         squash_forward_kernel[launch.grid](
-            s2, v, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1), eps,
+            s2, v, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1), eps, EXP=exp,
             COMPUTE_DTYPE=compute_dtype(s.dtype), BLOCK_ROWS=launch.block_rows,
             BLOCK_D=launch.block_d, num_warps=launch.num_warps,
             **COMPILER_OPTIONS,
@@ -34,15 +35,16 @@ def squash_forward(s: Tensor, eps: float) -> Tensor:
     return v.view(s.shape)
 
 
-def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
-    """grad s of squash over the last dim, given s and grad v of the same shape."""
+def squash_backward(s: Tensor, grad_v: Tensor, eps: float, exp: bool = False) -> Tensor:
+    """grad s of squash (or with ``exp`` of exp_squash) over the last dim, given s and grad v of
+    the same shape."""
     s2, g2 = _rows(s), _rows(grad_v)
     grad_s = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
     if s2.numel():
         launch = vector_launch(*s2.shape, s.dtype)
         squash_backward_kernel[launch.grid](
             s2, g2, grad_s, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1),
-            g2.stride(0), g2.stride(1), eps, COMPUTE_DTYPE=compute_dtype(s.dtype),
+            g2.stride(0), g2.stride(1), eps, EXP=exp, COMPUTE_DTYPE=compute_dtype(s.dtype),
             BLOCK_ROWS=launch.block_rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
             **COMPILER_OPTIONS,
         )  # fmt: skip

@@ -55,22 +55,40 @@ def _inverse_hypot_one(w):
 
 
 @triton.jit
-def squash_factors(s, eps, huge, SLOPE: tl.constexpr):
-    """squash's pieces for every row of a [rows, D] block, for any finite s without overflow,
-    by the formulas of ``fastcaps.torch_backend.squash_factors``: u = s / |s| [rows, D] (0 for
-    a zero row) and per row [rows] g = |v|, f = g / |s| and g' = dg/d|s| (f and g' only with
-    SLOPE; else zeros). ``huge``: the largest finite value of the dtype."""
+def _directions(s, huge):
+    """Per row of a [rows, D] block, without overflow or underflow: m = max |s_d|, |s| = m t
+    (t the norm of s / m), the unit vector u = s / |s| (0 for a zero row) and 1 / |s| clamped
+    to ``huge`` (the dtype's largest value)."""
     m = tl.max(tl.abs(s), axis=1)
     positive = m > 0
     one = tl.full(m.shape, 1.0, m.dtype)
-    # t = s / m by one reciprocal per row; rows below 2^-64 are first scaled by 2^64 (exact), so
-    # that 1 / m cannot overflow
+    # s / m by one reciprocal per row; rows below 2^-64 are first scaled by 2^64 (exact), so that
+    # 1 / m cannot overflow
     pre = tl.where(m < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
     inv_m = div_rn(one, tl.where(positive, m * pre, 1.0))
     t = (s * pre[:, None]) * inv_m[:, None]
     t_norm = sqrt_rn(tl.sum(t * t, axis=1))
     u = t * div_rn(one, tl.where(positive, t_norm, 1.0))[:, None]
-    inv_r = tl.minimum(div_rn(inv_m * pre, t_norm), huge)  # 1 / |s| (inf for subnormal m), clamped
+    inv_r = tl.minimum(div_rn(inv_m * pre, t_norm), huge)  # inf for subnormal m, clamped
+    return m, t_norm, u, inv_r
+
+
+@triton.jit
+def _tangential_radial(u, f, dg, grad_v):
+    """grad s of v = g(|s|) u: ``f (gv - (u . gv) u) + g' (u . gv) u``, each part well
+    conditioned (f = g / |s|, g' = dg / d|s|; [rows] each)."""
+    radial = tl.sum(u * grad_v, axis=1)[:, None]
+    return f[:, None] * (grad_v - radial * u) + (dg[:, None] * radial) * u
+
+
+@triton.jit
+def squash_factors(s, eps, huge, SLOPE: tl.constexpr):
+    """squash's pieces for every row of a [rows, D] block, for any finite s without overflow,
+    by the formulas of ``fastcaps.torch_backend.squash_factors``: u = s / |s| [rows, D] (0 for
+    a zero row) and per row [rows] g = |v|, f = g / |s| and g' = dg/d|s| (f and g' only with
+    SLOPE; else zeros). ``huge``: the largest finite value of the dtype."""
+    m, t_norm, u, inv_r = _directions(s, huge)
+    one = tl.full(m.shape, 1.0, m.dtype)
     w = tl.minimum(inv_r * sqrt_rn(eps + tl.zeros_like(m)), huge)  # sqrt(eps) / |s|
     b = _inverse_hypot_one(w)  # |s| / sqrt(|s|^2 + eps)
     g = div_rn(b, 1.0 + inv_r * inv_r)
@@ -108,8 +126,7 @@ def squash_rows_backward(s, grad_v, eps):
     """grad s for every row of a [rows, D] block, given grad v: a tangential plus a radial part,
     ``f (gv - (u . gv) u) + g' (u . gv) u``, each well conditioned."""
     u, _g, f, dg = squash_factors(s, eps, _largest(s), True)
-    radial = tl.sum(u * grad_v, axis=1)[:, None]
-    return f[:, None] * (grad_v - radial * u) + (dg[:, None] * radial) * u
+    return _tangential_radial(u, f, dg, grad_v)
 
 
 @triton.jit
@@ -121,13 +138,19 @@ def squash_forward_kernel(
     stride_s_row,
     stride_s_col,
     eps,
+    EXP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """v = squash(s), or with EXP exp_squash(s) (eps unused)."""
     rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
-    v = squash_rows(s, eps)
+    if EXP:
+        u, g, _f, _dg = exp_squash_factors(s, _largest(s))
+        v = u * g[:, None]
+    else:
+        v = squash_rows(s, eps)
     tl.store(v_ptr + rows[:, None] * d + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
@@ -143,14 +166,20 @@ def squash_backward_kernel(
     stride_g_row,
     stride_g_col,
     eps,
+    EXP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """grad s of squash, or with EXP of exp_squash (the identity at s = 0; eps unused)."""
     rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
     grad_v = _load_block(grad_v_ptr, rows, cols, mask, stride_g_row, stride_g_col, COMPUTE_DTYPE)
-    grad_s = squash_rows_backward(s, grad_v, eps)
+    if EXP:
+        u, _g, f, dg = exp_squash_factors(s, _largest(s))
+        grad_s = _tangential_radial(u, f, dg, grad_v)
+    else:
+        grad_s = squash_rows_backward(s, grad_v, eps)
     out_offsets = rows[:, None] * d + cols[None, :]
     tl.store(grad_s_ptr + out_offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
 
@@ -175,64 +204,11 @@ def exp_squash_factors(s, huge):
     """exp_squash's pieces for every row of a [rows, D] block, for any finite s (the norm as in
     ``squash_factors``): u = s / |s| [rows, D] (0 for a zero row) and per row [rows]
     g = 1 - exp(-|s|) (the output length), f = g / |s| (1 at s = 0) and g' = exp(-|s|)."""
-    m = tl.max(tl.abs(s), axis=1)
-    positive = m > 0
-    one = tl.full(m.shape, 1.0, m.dtype)
-    pre = tl.where(m < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
-    inv_m = div_rn(one, tl.where(positive, m * pre, 1.0))
-    t = (s * pre[:, None]) * inv_m[:, None]
-    t_norm = sqrt_rn(tl.sum(t * t, axis=1))
-    u = t * div_rn(one, tl.where(positive, t_norm, 1.0))[:, None]
-    inv_r = tl.minimum(div_rn(inv_m * pre, t_norm), huge)  # 1 / |s|, clamped
+    m, t_norm, u, inv_r = _directions(s, huge)
     r = m * t_norm  # may round to inf; then exp(-r) = 0, g = 1 and f = 0
     small = r < 0.5
     series = _one_minus_exp_neg_over(tl.where(small, r, 0.0))
     dg = tl.exp(-r)
     g = tl.where(small, r * series, 1.0 - dg)
-    f = tl.where(small, series, g * tl.where(positive, inv_r, 0.0))
+    f = tl.where(small, series, g * tl.where(m > 0, inv_r, 0.0))
     return u, g, f, dg
-
-
-@triton.jit
-def exp_squash_forward_kernel(
-    s_ptr,
-    v_ptr,
-    n_rows,
-    d,
-    stride_s_row,
-    stride_s_col,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
-    s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
-    u, g, _f, _dg = exp_squash_factors(s, _largest(s))
-    v = u * g[:, None]
-    tl.store(v_ptr + rows[:, None] * d + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def exp_squash_backward_kernel(
-    s_ptr,
-    grad_v_ptr,
-    grad_s_ptr,
-    n_rows,
-    d,
-    stride_s_row,
-    stride_s_col,
-    stride_g_row,
-    stride_g_col,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """grad s = ``f (gv - (u . gv) u) + g' (u . gv) u`` (the identity at s = 0)."""
-    rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
-    s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
-    grad_v = _load_block(grad_v_ptr, rows, cols, mask, stride_g_row, stride_g_col, COMPUTE_DTYPE)
-    u, _g, f, dg = exp_squash_factors(s, _largest(s))
-    radial = tl.sum(u * grad_v, axis=1)[:, None]
-    grad_s = f[:, None] * (grad_v - radial * u) + (dg[:, None] * radial) * u
-    out_offsets = rows[:, None] * d + cols[None, :]
-    tl.store(grad_s_ptr + out_offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
