@@ -106,6 +106,21 @@ def make_layer_inputs(shape: Shape, dtype, device, bias: bool, seed: int = 0):
     return cast(u), cast(weight), cast(b)
 
 
+def saved_state(run, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``run()``'s output and the tensors its graph saves for backward, minus ``inputs``."""
+    known = {t.data_ptr() for t in inputs if t is not None}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    assert saved, "the hook saw no saved tensor"
+    return out, [t for t in saved if t.data_ptr() not in known]
+
+
 def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
     """Gradients of sum(output * grad_output) for the inputs that are not None."""
     present = [t for t in inputs if t is not None]

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 import fastcaps
-from conftest import SHAPES, Shape, as_float64_leaf, assert_close, grads, make_layer_inputs
+from conftest import (
+    SHAPES,
+    Shape,
+    as_float64_leaf,
+    assert_close,
+    grads,
+    make_layer_inputs,
+    saved_state,
+)
 from fastcaps import reference
 
 CUDA = torch.cuda.is_available()
@@ -262,16 +270,11 @@ def test_capsule_attention_routing_saves_nothing_of_u_hat_size():
     shape = Shape(8, 40, 6, 8, 4)
     u, weight, _ = make_layer_inputs(shape, torch.float32, "cpu", bias=False)
     prior = make_prior(shape, torch.float32, "cpu")
-    inputs = {t.data_ptr() for t in (u, weight, prior)}
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        v = fastcaps.capsule_attention_routing(u, weight, prior, backend="torch")
-    state = sorted(tuple(t.shape) for t in saved if t.data_ptr() not in inputs)
+    v, saved = saved_state(
+        lambda: fastcaps.capsule_attention_routing(u, weight, prior, backend="torch"),
+        (u, weight, prior),
+    )
+    state = sorted(tuple(t.shape) for t in saved)
     # totals and s [B, Nout, Dout], the softmax [B, Nin, Nout]: nothing with Nin and Dout
     assert state == sorted([(8, 6, 8), (8, 40, 6), (8, 6, 8)])
     v.sum().backward()
