@@ -101,7 +101,13 @@ def _train_step_worker(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     model = CapsNet(backend="torch")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    try:  # the checkout's own optimizer and layout, as its training tool sets them up
+        from fastcaps.training import adam
+
+        optimizer = adam(model, 1e-3, torch.device("cpu"))
+        model = model.to(memory_format=torch.channels_last)
+    except ImportError:  # checkouts before fused Adam and channels-last on CPU
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = torch.randint(0, 256, (args.batch[0], 1, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (args.batch[0],))
     amp = {"off": None, "bf16": torch.bfloat16}[args.amp]

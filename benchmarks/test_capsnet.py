@@ -7,6 +7,7 @@ import torch
 import fastcaps
 from benchmarks.harness import gpu_quantiles_ms, synchronize, triton_runs
 from fastcaps.nn import CapsNet
+from fastcaps.training import adam
 
 TINY_MODEL = dict(
     image_size=12, conv_channels=8, conv_kernel=3, primary_types=4, primary_dim=4,
@@ -38,7 +39,7 @@ def test_capsnet_step(benchmark, record, device, tiny, capsnet_case):
     size = model.image_size
     images = torch.rand(batch, 1, size, size, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = adam(model, 1e-3, torch.device(device))  # as the training tool sets it up
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)

@@ -98,6 +98,7 @@ MODEL_RECIPES: dict[str, dict[str, Any]] = {
     ),
 }
 AUGMENTATIONS = ("shift", "efficient", "none")
+FUSED_ADAM = ("cpu", "cuda")  # devices with a fused Adam kernel in torch
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Seconds between progress-bar metric refreshes (each one is a host sync).
@@ -557,7 +558,7 @@ def setup(plan: RunPlan, ddp: Distributed) -> Session:
     # channels-last convolutions: faster on CUDA, and on CPU 1.29x for Efficient-CapsNet's
     # training step (60.2 against 77.5 ms at batch 16; CapsNet unchanged, 3.09 against 3.11 s)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = adam(model, config.lr, device)
     session = Session(
         config=config, ddp=ddp, device=device, out_dir=Path(config.output_dir), log=log, say=say,
         data=data, arch=arch, model=model, net=model, optimizer=optimizer,
@@ -582,6 +583,14 @@ def setup(plan: RunPlan, ddp: Distributed) -> Session:
     if config.compile:
         session.net = torch.compile(session.net)
     return session
+
+
+def adam(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam over the model's parameters, fused where torch has the kernel: one kernel for all
+    parameters instead of a loop of elementwise ops (on a 2-core CPU a step over
+    Efficient-CapsNet's parameters took 10.9 instead of 35.4 ms, over CapsNet's 25.6 instead of
+    156.1 ms)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in FUSED_ADAM)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig):
