@@ -2,7 +2,7 @@
 capsule_attention_routing) with every provider that runs here, in forward, backward and full
 (forward + backward) mode; the routing ops also record memory.
 
-Real run: see README "Benchmarks" (``python -m benchmarks.run`` wraps it)."""
+Real run: see README "Benchmarks"."""
 
 import torch
 
