@@ -40,24 +40,23 @@ def check_iterations(iterations: object) -> int:
     return iterations
 
 
-def check_bias(bias: Tensor | None, n_out: int, d_out: int) -> None:
-    if bias is None:
+def _check_optional_matrix(
+    name: str, t: Tensor | None, layout: str, expected: tuple[int, int]
+) -> None:
+    """``t`` is None or a floating-point tensor of shape ``expected`` (dims named by layout)."""
+    if t is None:
         return
-    check_tensor("bias", bias, 2, "[Nout, Dout]")
-    if _shape(bias) != (n_out, d_out):
-        raise ValueError(
-            f"bias must have shape [Nout, Dout] = ({n_out}, {d_out}), got {_shape(bias)}"
-        )
+    check_tensor(name, t, 2, layout)
+    if _shape(t) != expected:
+        raise ValueError(f"{name} must have shape {layout} = {expected}, got {_shape(t)}")
+
+
+def check_bias(bias: Tensor | None, n_out: int, d_out: int) -> None:
+    _check_optional_matrix("bias", bias, "[Nout, Dout]", (n_out, d_out))
 
 
 def check_prior(prior: Tensor | None, n_in: int, n_out: int) -> None:
-    if prior is None:
-        return
-    check_tensor("prior", prior, 2, "[Nin, Nout]")
-    if _shape(prior) != (n_in, n_out):
-        raise ValueError(
-            f"prior must have shape [Nin, Nout] = ({n_in}, {n_out}), got {_shape(prior)}"
-        )
+    _check_optional_matrix("prior", prior, "[Nin, Nout]", (n_in, n_out))
 
 
 def check_same_device_and_dtype(**tensors: Tensor | None) -> None:

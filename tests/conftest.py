@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,32 @@ def device(request) -> torch.device:
     """Every device test runs on the CPU, and on CUDA as well when a GPU is present (see
     tests/test_devices.py for the skip that reports a missing GPU)."""
     return torch.device(request.param)
+
+
+CUDA = torch.cuda.is_available()
+TRITON = importlib.util.find_spec("triton") is not None
+DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16",
+               torch.float16: "f16"}  # fmt: skip
+
+
+def backend_params(pairs):
+    """pytest params ``(backend, dtype)`` with ids like ``triton-f32``; triton ones skip (with the
+    reason) when triton is not installed."""
+    skip_triton = pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+    return [
+        pytest.param(name, dtype, id=f"{name}-{DTYPE_NAMES[dtype]}",
+                     marks=[skip_triton] if name == "triton" else [])
+        for name, dtype in pairs
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def on_device(device, backend):
+    """The device fixture, minus CPU for triton when a GPU is present (the interpreter is only
+    switched on for machines without one)."""
+    if backend == "triton" and device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    return device
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 capsule_attention_routing on every backend that has them, against fastcaps.reference (which
 forms the whole Nin x Nin attention matrix) in value and every gradient."""
 
-import importlib.util
 import itertools
 import math
 
@@ -11,20 +10,19 @@ import torch
 
 import fastcaps
 from conftest import (
+    CUDA,
     SHAPES,
+    TRITON,
     Shape,
     as_float64_leaf,
     assert_close,
+    backend_params,
     grads,
     make_layer_inputs,
     saved_state,
 )
 from fastcaps import reference
 
-CUDA = torch.cuda.is_available()
-TRITON = importlib.util.find_spec("triton") is not None
-DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16",
-               torch.float16: "f16"}  # fmt: skip
 BACKEND_DTYPES = [("torch", torch.float64), ("torch", torch.float32), ("torch", torch.bfloat16)]
 # exp_squash has Triton kernels (the interpreter has no half-precision arithmetic)
 TRITON_DTYPES = [("triton", torch.float64), ("triton", torch.float32)] + (
@@ -32,26 +30,9 @@ TRITON_DTYPES = [("triton", torch.float64), ("triton", torch.float32)] + (
 )
 
 
-def backend_params(pairs):
-    skip_triton = pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
-    return [
-        pytest.param(b, d, id=f"{b}-{DTYPE_NAMES[d]}", marks=[skip_triton] if b == "triton" else [])
-        for b, d in pairs
-    ]
-
-
 ALL = backend_params(BACKEND_DTYPES)
 FLOAT64 = backend_params([("torch", torch.float64)])
 EXP_SQUASH = backend_params(BACKEND_DTYPES + TRITON_DTYPES)
-
-
-@pytest.fixture
-def on_device(device, backend):
-    """The device fixture, minus CPU for triton when a GPU is present (the interpreter is only
-    switched on for machines without one)."""
-    if backend == "triton" and device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
-    return device
 
 
 ATTENTION_SHAPES = [*SHAPES, Shape(3, 16, 10, 16, 8)]  # + Efficient-CapsNet's layer

@@ -6,18 +6,20 @@ in float16 and bfloat16 as well.
 """
 
 import functools
-import importlib.util
 
 import pytest
 import torch
 
 import fastcaps
 from conftest import (
+    CUDA,
     SHAPES,
     TOLERANCES,
+    TRITON,
     Shape,
     as_float64_leaf,
     assert_close,
+    backend_params,
     check_squash,
     grads,
     make_layer_inputs,
@@ -25,14 +27,6 @@ from conftest import (
 )
 from fastcaps import reference
 
-CUDA = torch.cuda.is_available()
-TRITON = importlib.util.find_spec("triton") is not None
-DTYPE_NAMES = {
-    torch.float64: "f64",
-    torch.float32: "f32",
-    torch.bfloat16: "bf16",
-    torch.float16: "f16",
-}
 BACKEND_DTYPES = [
     ("torch", torch.float64),
     ("torch", torch.float32),
@@ -42,29 +36,9 @@ BACKEND_DTYPES = [
 ] + ([("triton", torch.float16), ("triton", torch.bfloat16)] if CUDA else [])
 
 
-def backend_params(pairs):
-    """pytest params ``(backend, dtype)`` with ids like ``triton-f32``; triton ones skip (with the
-    reason) when triton is not installed."""
-    skip_triton = pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
-    return [
-        pytest.param(name, dtype, id=f"{name}-{DTYPE_NAMES[dtype]}",
-                     marks=[skip_triton] if name == "triton" else [])
-        for name, dtype in pairs
-    ]  # fmt: skip
-
-
 ALL = backend_params(BACKEND_DTYPES)
 FULL_PRECISION = backend_params([p for p in BACKEND_DTYPES if p[1] == torch.float64])
 BACKENDS = backend_params([("torch", torch.float64), ("triton", torch.float64)])
-
-
-@pytest.fixture
-def on_device(device, backend):
-    """The device fixture, minus CPU for triton when a GPU is present (the interpreter is only
-    switched on for machines without one)."""
-    if backend == "triton" and device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
-    return device
 
 
 def check_capsule_routing(backend, u, weight, bias, iterations, detach_logits, dtype, what=""):
