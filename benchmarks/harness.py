@@ -6,9 +6,10 @@ Providers (each present only where it runs):
     reference-compiled  torch.compile of the reference: the best a user gets without fastcaps
     naive               the pattern common in public CapsNet code (see ``benchmarks.naive``)
     torch               fastcaps' PyTorch backend
-    triton              fastcaps' Triton kernels, unfused (capsule_routing = predictions kernel,
-                        stored u_hat, routing kernels)
-    triton-fused        the one-kernel layer (capsule_routing only): u_hat never stored
+    triton              fastcaps' Triton kernels, unfused (the capsule layers = predictions
+                        kernel, stored u_hat, routing kernels)
+    triton-fused        the fused layers (capsule_routing, capsule_attention_routing): u_hat
+                        recomputed in the routing kernels, never stored
 """
 
 from __future__ import annotations
@@ -147,8 +148,6 @@ def _backend_ops(backend: str) -> dict[str, Callable]:
             u, w, p, backend=backend
         ),
     }
-    if backend == "triton":  # self-attention routing has no Triton kernels yet
-        return {op: fn for op, fn in ops.items() if op not in ATTENTION_OPS}
     return ops
 
 
@@ -156,6 +155,14 @@ def _triton_unfused_layer(u, w, r):
     from fastcaps.triton_routing import capsule_routing_unfused
 
     return capsule_routing_unfused(u, w, r)
+
+
+def _triton_unfused_attention_layer(u, w, p):
+    """Triton predictions, then Triton attention routing on the stored u_hat."""
+    from fastcaps.triton_attention import attention_routing_op
+    from fastcaps.triton_predictions import predictions_op
+
+    return attention_routing_op(predictions_op(u, w), p)[0]
 
 
 def provider_ops(provider: str) -> dict[str, Callable]:
@@ -171,9 +178,11 @@ def provider_ops(provider: str) -> dict[str, Callable]:
     if provider == "torch":
         return _backend_ops("torch")
     if provider == "triton":
-        return {**_backend_ops("triton"), "capsule_routing": _triton_unfused_layer}
+        return {**_backend_ops("triton"), "capsule_routing": _triton_unfused_layer,
+                "capsule_attention_routing": _triton_unfused_attention_layer}  # fmt: skip
     if provider == "triton-fused":
-        return {"capsule_routing": _backend_ops("triton")["capsule_routing"]}
+        fused = _backend_ops("triton")
+        return {op: fused[op] for op in ("capsule_routing", "capsule_attention_routing")}
     raise ValueError(f"unknown provider {provider!r}")
 
 

@@ -34,6 +34,8 @@ STATIC_RULE = {
     "predictions": "torch",
     "squash": "triton",
     "exp_squash": "triton",
+    "attention_routing": "triton",
+    "capsule_attention_routing": "triton",
 }
 
 

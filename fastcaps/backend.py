@@ -34,6 +34,7 @@ _TRITON_MODULES = (
     "fastcaps.triton_predictions",
     "fastcaps.triton_routing",
     "fastcaps.triton_capsule_routing",
+    "fastcaps.triton_attention",
 )
 
 

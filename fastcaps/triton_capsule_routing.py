@@ -6,39 +6,28 @@ is bound by memory traffic, not arithmetic. A u_hat vector is cheap to recompute
 matrix times an 8-vector), so, as flash-attention does for attention scores, the kernels rebuild
 u_hat tiles in registers whenever they need them.
 
-Forward (``routing_forward_kernel`` with FROM_WEIGHT; one launch, one program per sample):
-for r = 0 .. R-1 the program walks the input capsules in tiles of [BLOCK_I, Nout, Dout] (Nout
-and Dout padded to powers of two and masked), rebuilds each u_hat tile from u[b] and the weight
-tile (Din fused multiply-adds per element), and accumulates
+The kernels are those of ``fastcaps.triton_routing`` with FROM_WEIGHT (see
+``fastcaps.kernels.routing`` for the tiling): every program owns a block of samples and a slice
+of input capsules and forms each u_hat tile as ``U_i @ W_i^T`` on ``tl.dot``.
+
+Forward, per iteration r = 0 .. R-1: partial sums over the slices, then a combine launch,
 
     c_r,ij = softmax_j(u_hat_ij . V_r,j),   s_r,j = sum_i c_r,ij u_hat_ij (+ bias_j),
     v_r = squash(s_r),                       V_(r+1) = V_r + v_r,   V_0 = 0.
 
 The logits after r iterations are exactly ``u_hat_ij . V_r,j`` (Procedure 1 adds
 ``u_hat_ij . v_t,j`` once per earlier iteration t, and the dot product is linear), so they are
-never stored. Written: v, and s_r and V_r of every iteration ([R, B, Nout, Dout] each, in the
-compute dtype). The weight is the same for every program; samples in flight read the same tiles
-in the same order, so it is served from L2 (5.9 MB on MNIST, well inside an H100's 50 MB).
+never stored. Saved: s_r and V_r of every iteration ([R, B, Nout, Dout] each, in the compute
+dtype).
 
-Backward, given grad v (two launches):
-
-1. ``routing_backward_state_kernel`` with FROM_WEIGHT, one program per sample, for
-   r = R-1 .. 0 with go_r the gradient reaching v_r (go_(R-1) = grad v):
-   ``gs_r = squash'(s_r) go_r``; unless r = 0 (constant logits) one pass over the input
-   capsules, rebuilding u_hat and c_r, gives ``gc_r,ij = u_hat_ij . gs_r,j``,
-   ``ga_r = c_r (gc_r - sum_j c_r gc_r)`` (softmax backward over the parents) and
-   ``gV_r = sum_i ga_r,ij u_hat_ij``, which reaches every earlier output: go_t += gV_r for t < r.
-   Written: gs_r for every r ([R, B, Nout, Dout]); grad bias = sum_r,b gs_r.
-2. ``capsule_routing_backward_pairs_kernel``, one program per (tile of input capsules, chunk of
-   samples): it loads its weight tile [BLOCK_I, Nout, Dout, Din] once and keeps it in registers
-   for all samples of the chunk; per sample it rebuilds the u_hat tile, forms
-   ``g_u_hat_ij = sum_r (c_r,ij gs_r,j + ga_r,ij V_r,j)`` in registers and contracts it at once
-   into ``grad u_i = sum_j weight_ij^T g_u_hat_ij`` and into a grad weight accumulator
-   ``+= g_u_hat_ij ⊗ u_i``, written once per program into its chunk's slot; the host sums the
-   chunks (deterministic, no atomics, fp32 even for half inputs).
-
-With detach_logits only the last iteration's weighted sum is differentiated: step 1 runs for
-r = R-1 only and step 2 uses only c_(R-1) gs_(R-1).
+Backward, for r = R-1 .. 1 with go_r the gradient reaching v_r (go_(R-1) = grad v):
+``gs_r = squash'(s_r) go_r``; a partial pass rebuilding u_hat and c_r gives
+``gc_r,ij = u_hat_ij . gs_r,j``, ``ga_r = c_r (gc_r - sum_j c_r gc_r)`` and
+``gV_r = sum_i ga_r,ij u_hat_ij``, which reaches every earlier output (go_t += gV_r for t < r).
+Then the pairs kernel forms ``g_u_hat_ij = sum_r (c_r,ij gs_r,j + ga_r,ij V_r,j)`` per tile and
+contracts it at once, on ``tl.dot``, into ``grad u_i = g_u_hat_i @ W_i`` and into grad W
+(per batch chunk, summed by the host: deterministic, no atomics, float32 even for half inputs).
+With detach_logits only the last iteration's weighted sum is differentiated.
 
 Why it is exact: every quantity is recomputed from the same inputs with the same arithmetic as
 in forward (u_hat, then c_r from V_r, which was saved), so backward differentiates exactly the
@@ -47,10 +36,11 @@ logits written as u_hat . V. Tests compare values and the gradients of u, weight
 ``fastcaps.reference`` (float64 and float32, 1-4 iterations, bias, detach_logits, odd sizes)
 and run ``gradcheck``.
 
-Memory: saved for backward are u, weight, s_all and V_all; the largest buffers allocated in
-forward or backward are grad u, grad weight and the grad weight partial sums (kept below half of
-B * Nin * Nout values). Nothing of size B * Nin * Nout or larger exists at any time
-(``tests/test_fused_layer.py`` checks the saved tensors and every CPU allocation).
+Memory: saved for backward are u, weight, s_all and V_all. The largest buffers of the backward
+are the coefficients c_r and ga_r kept for the pairs kernel (2 (R-1) B Nin Nout values, only
+while that is at most half of u_hat's size, ``store_coefficients``), grad u, grad weight and its
+partial sums; nothing of u_hat's size exists at any time (``tests/test_fused_layer.py`` checks
+the saved tensors and every CPU allocation).
 """
 
 from __future__ import annotations

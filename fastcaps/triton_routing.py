@@ -97,10 +97,36 @@ class PairSource:
                     COMPUTE_DTYPE=compute_dtype(dtype), **plan.kernel_options(tiling))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Attention:
+    """Self-attention routing (Efficient-CapsNet) run by the routing kernels as two passes: pass
+    0 sums u_hat into the totals T (s_all[0]) and sets V_all[1] = T / sqrt(Dout); pass 1 takes
+    the coefficients softmax_j(u_hat_ij . V_1,j) + prior_ij and exp-squashes their weighted
+    sum. ``prior``: [Nin, Nout] or None."""
+
+    prior: Tensor | None = None
+
+    iterations = 2
+
+    def kernel_args(self, like: Tensor) -> tuple:
+        """prior_ptr (a stand-in when absent, never read) and the prior's two strides."""
+        if self.prior is None:
+            return like, 0, 0
+        return self.prior, *self.prior.stride()
+
+
 def routing_forward(
-    source: PairSource, bias: Tensor | None, iterations: int, eps: float, dtype: torch.dtype
+    source: PairSource,
+    bias: Tensor | None,
+    iterations: int,
+    eps: float,
+    dtype: torch.dtype,
+    attention: Attention | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """v [B, Nout, Dout] in ``dtype``; s_all and V_all [R, B, Nout, Dout] in the work dtype."""
+    """v [B, Nout, Dout] in ``dtype``; s_all and V_all [R, B, Nout, Dout] in the work dtype.
+    With ``attention``, self-attention routing instead (R = 2, no bias; see Attention)."""
+    if attention is not None:
+        assert bias is None and iterations == attention.iterations
     batch, n_in, n_out, d_out = source.shape
     device = source.tensor.device
     v = torch.empty(batch, n_out, d_out, dtype=dtype, device=device)
@@ -115,19 +141,22 @@ def routing_forward(
     combine = combine_launch(batch, n_out, d_out, device)
     bias_arg = bias if bias is not None else v
     bias_strides = bias.stride() if bias is not None else (0, 0)
+    prior, *prior_strides = (attention or Attention()).kernel_args(v)
+    has_prior = attention is not None and attention.prior is not None
     for r in range(iterations):
         if plan.chunked and r > 0:
             _softmax_stats(source, plan, V_all, s_all, lse, lse, r, 0, with_grad=False)
         routing_forward_partial_kernel[(tiling.programs,)](
-            *source.pointers(), V_all, lse, partial, batch, n_in, n_out, d_out,
-            tiling.capsules_per_slice, plan.parent_chunks, r, *source.strides(), UNIFORM=r == 0,
-            CHUNKED=plan.chunked, **source.constexprs(plan, tiling, dtype),
+            *source.pointers(), V_all, lse, prior, partial, batch, n_in, n_out, d_out,
+            tiling.capsules_per_slice, plan.parent_chunks, r, *source.strides(), *prior_strides,
+            UNIFORM=r == 0, CHUNKED=plan.chunked, HAS_PRIOR=has_prior and r > 0,
+            **source.constexprs(plan, tiling, dtype),
         )  # fmt: skip
         routing_forward_combine_kernel[combine.grid](
             partial, bias_arg, s_all, V_all, v, batch, n_out, d_out, tiling.slices, r, iterations,
-            eps, *bias_strides, HAS_BIAS=bias is not None, COMPUTE_DTYPE=compute_dtype(dtype),
-            BLOCK_ROWS=combine.block_rows, BLOCK_D=combine.block_d, num_warps=combine.num_warps,
-            **COMPILER_OPTIONS,
+            eps, *bias_strides, HAS_BIAS=bias is not None, ATTENTION=attention is not None,
+            COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_ROWS=combine.block_rows,
+            BLOCK_D=combine.block_d, num_warps=combine.num_warps, **COMPILER_OPTIONS,
         )  # fmt: skip
     return v, s_all, V_all
 
@@ -165,6 +194,7 @@ class RoutingGrads:
     grad_u_hat: Tensor | None = None
     grad_u: Tensor | None = None
     grad_weight: Tensor | None = None
+    grad_prior: Tensor | None = None  # self-attention routing's prior, when it has one
 
 
 def routing_backward(
@@ -175,14 +205,27 @@ def routing_backward(
     detach_logits: bool,
     eps: float,
     need_input_grads: bool = True,
+    attention: Attention | None = None,
 ) -> RoutingGrads:
     """Backward of ``routing_forward``: grad s of every iteration [R, B, Nout, Dout] (work dtype)
-    and, with ``need_input_grads``, the gradients of the source tensors."""
+    and, with ``need_input_grads``, the gradients of the source tensors; with ``attention``, of
+    self-attention routing, and the prior's gradient when it has a prior."""
     iterations, batch, n_out, d_out = s_all.shape
     n_in = source.shape[1]
     dtype = source.tensor.dtype
     last_only = detach_logits or iterations == 1
     grad_s_all = torch.empty_like(s_all)
+    if attention is not None:
+        assert not last_only and iterations == attention.iterations
+        if batch == 0:
+            grads = _empty_input_grads(source, grad_s_all.zero_(), need_input_grads)
+            if attention.prior is not None:
+                grads.grad_prior = torch.zeros_like(attention.prior)
+            return grads
+        prior, *prior_strides = attention.kernel_args(s_all)
+    else:
+        prior, prior_strides = s_all, (0, 0)
+    has_prior = attention is not None and attention.prior is not None
     if batch == 0 or (last_only and not need_input_grads):
         # only grad s is needed (a bias): one squash backward, no pass over u_hat
         grad_s_all.zero_()
@@ -199,11 +242,14 @@ def routing_backward(
     lse = s_all.new_empty((slots, batch, n_in) if plan.chunked else (0,))
     inner = torch.empty_like(lse)
     combine = combine_launch(batch, n_out, d_out, s_all.device)
+    # self-attention routing's prior: each sample block's part of its gradient
+    grad_prior = s_all.new_empty((tiling.sample_blocks, n_in, n_out) if has_prior else (0,))
     if plan.chunked and not last_only:  # grad s of the last iteration, before the stats need it
         routing_output_grad_kernel[combine.grid](
             s_all, grad_v, grad_s_all, batch, n_out, d_out, iterations, eps, *grad_v.stride(),
-            DETACHED=False, COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_ROWS=combine.block_rows,
-            BLOCK_D=combine.block_d, num_warps=combine.num_warps, **COMPILER_OPTIONS,
+            DETACHED=False, EXP=attention is not None, COMPUTE_DTYPE=compute_dtype(dtype),
+            BLOCK_ROWS=combine.block_rows, BLOCK_D=combine.block_d, num_warps=combine.num_warps,
+            **COMPILER_OPTIONS,
         )  # fmt: skip
     if not last_only:
         partial = s_all.new_empty(tiling.slices, batch, n_out, d_out)
@@ -213,20 +259,25 @@ def routing_backward(
                 _softmax_stats(source, plan, V_all, grad_s_all, lse, inner, r, r - 1, True)
             routing_backward_partial_kernel[(tiling.programs,)](
                 *source.pointers(), s_all, V_all, grad_v, grad_s_all, partial, coef, coef_grad,
-                lse, inner, batch, n_in, n_out, d_out, tiling.capsules_per_slice,
-                plan.parent_chunks, r, eps, *source.strides(), *grad_v.stride(),
+                lse, inner, prior, grad_prior, batch, n_in, n_out, d_out,
+                tiling.capsules_per_slice, plan.parent_chunks, r, eps, *source.strides(),
+                *prior_strides, *grad_v.stride(),
                 GRAD_FROM_OUTPUT=r == iterations - 1 and not plan.chunked,
-                STORE_COEFFICIENTS=stored, CHUNKED=plan.chunked,
-                **source.constexprs(plan, tiling, dtype),
+                STORE_COEFFICIENTS=stored, CHUNKED=plan.chunked, ATTENTION=attention is not None,
+                HAS_PRIOR=has_prior, **source.constexprs(plan, tiling, dtype),
             )  # fmt: skip
             routing_backward_combine_kernel[combine.grid](
                 partial, s_all, grad_later, grad_s_all, batch, n_out, d_out, tiling.slices, r, eps,
-                FIRST=r == iterations - 1, COMPUTE_DTYPE=compute_dtype(dtype),
-                BLOCK_ROWS=combine.block_rows, BLOCK_D=combine.block_d,
-                num_warps=combine.num_warps, **COMPILER_OPTIONS,
+                FIRST=r == iterations - 1, ATTENTION=attention is not None,
+                COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_ROWS=combine.block_rows,
+                BLOCK_D=combine.block_d, num_warps=combine.num_warps, **COMPILER_OPTIONS,
             )  # fmt: skip
+    prior_grad = None
+    if has_prior:  # the sample blocks' parts, in block order
+        total = grad_prior[0] if grad_prior.shape[0] == 1 else grad_prior.sum(dim=0)
+        prior_grad = total.to(attention.prior.dtype)
     if not need_input_grads:
-        return RoutingGrads(grad_s_all)
+        return RoutingGrads(grad_s_all, grad_prior=prior_grad)
     if plan.chunked and last_only:  # the last iteration's statistics
         last = iterations - 1
         _softmax_stats(source, plan, V_all, grad_s_all, lse, inner, last, slots - 1, False)
@@ -235,12 +286,15 @@ def routing_backward(
     out = (grads.grad_u_hat, grads.grad_u, grads.grad_weight)
     present = next(t for t in out if t is not None)
     routing_backward_pairs_kernel[(pairs.programs,)](
-        *source.pointers(), s_all, V_all, grad_v, grad_s_all, coef, coef_grad, lse, inner,
+        *source.pointers(), s_all, V_all, grad_v, grad_s_all, coef, coef_grad, lse, inner, prior,
         *(t if t is not None else present for t in out), batch, n_in, n_out, d_out,
         pairs.capsules_per_slice, pairs.blocks_per_chunk, pairs.chunks, plan.parent_chunks,
-        iterations, eps, *source.strides(), *grad_v.stride(), LAST_ONLY=last_only,
-        STORED_COEFFICIENTS=stored, CHUNKED=plan.chunked, **source.constexprs(plan, pairs, dtype),
+        iterations, eps, *source.strides(), *prior_strides, *grad_v.stride(),
+        LAST_ONLY=last_only, STORED_COEFFICIENTS=stored, CHUNKED=plan.chunked,
+        ATTENTION=attention is not None, HAS_PRIOR=has_prior,
+        **source.constexprs(plan, pairs, dtype),
     )  # fmt: skip
+    grads.grad_prior = prior_grad
     if grads.grad_u is not None and plan.chunked:  # the parent chunks' parts
         grads.grad_u = grads.grad_u.sum(dim=0).to(source.u.dtype)
     if grads.grad_weight is not None:  # the batch chunks' partial sums, in the work dtype

@@ -36,7 +36,7 @@ All offsets are int64; all arithmetic is in COMPUTE_DTYPE (float32, or float64 f
 import triton
 import triton.language as tl
 
-from fastcaps.kernels.squash import div_rn, squash_rows, squash_rows_backward
+from fastcaps.kernels.squash import div_rn, sqrt_rn, squash_rows, squash_rows_backward
 
 
 @triton.jit
@@ -193,13 +193,29 @@ def _coefficient_offsets(b, b_mask, slot, batch, n_in, n_out, j0, JA: tl.constex
 
 
 @triton.jit
-def _squash_backward_tile(s, grad_v, eps, BLOCK_B: tl.constexpr, JG: tl.constexpr,
-                          DP: tl.constexpr):  # fmt: skip
-    """squash backward on every parent's DP columns of [BLOCK_B, JG * DP] tiles."""
+def _squash_backward_tile(s, grad_v, eps, EXP: tl.constexpr, BLOCK_B: tl.constexpr,
+                          JG: tl.constexpr, DP: tl.constexpr):  # fmt: skip
+    """squash (EXP: exp_squash) backward on every parent's DP columns of [BLOCK_B, JG * DP]
+    tiles."""
     rows = squash_rows_backward(
-        tl.reshape(s, (BLOCK_B * JG, DP)), tl.reshape(grad_v, (BLOCK_B * JG, DP)), eps
+        tl.reshape(s, (BLOCK_B * JG, DP)), tl.reshape(grad_v, (BLOCK_B * JG, DP)), eps, EXP
     )
     return tl.reshape(rows, (BLOCK_B, JG * DP))
+
+
+@triton.jit
+def _prior_row(prior_ptr, capsule, parent, n_out, stride_p_i, stride_p_j,
+               COMPUTE_DTYPE: tl.constexpr):  # fmt: skip
+    """Self-attention routing's prior of one capsule for the parents ``parent`` [JG] (0 past
+    Nout); it is added to the coefficients after the softmax."""
+    at = capsule * stride_p_i + parent.to(tl.int64) * stride_p_j
+    return tl.load(prior_ptr + at, mask=parent < n_out, other=0.0).to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _over_sqrt(x, d_out):
+    """x / sqrt(Dout), correctly rounded (self-attention routing's scale)."""
+    return div_rn(x, sqrt_rn(tl.zeros_like(x) + d_out))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +230,7 @@ def routing_forward_partial_kernel(
     w_ptr,
     V_all_ptr,
     stats_ptr,
+    prior_ptr,
     partial_ptr,
     batch,
     n_in,
@@ -233,8 +250,11 @@ def routing_forward_partial_kernel(
     stride_w_j,
     stride_w_d,
     stride_w_k,
+    stride_p_i,
+    stride_p_j,
     UNIFORM: tl.constexpr,
     CHUNKED: tl.constexpr,
+    HAS_PRIOR: tl.constexpr,
     FROM_WEIGHT: tl.constexpr,
     DIN: tl.constexpr,
     KP: tl.constexpr,
@@ -250,7 +270,8 @@ def routing_forward_partial_kernel(
     c_r u_hat`` into a contiguous [slices, B, Nout, Dout] (COMPUTE_DTYPE). UNIFORM (r = 0): the
     plain sum of u_hat (c = 1/Nout is applied by the combine kernel), V unread. CHUNKED: a
     program owns JA parents from ``chunk * JA`` and reads each sample's log-sum-exp of the logits
-    from stats ([B, Nin], ``routing_softmax_stats_kernel``); else it owns all parents."""
+    from stats ([B, Nin], ``routing_softmax_stats_kernel``); else it owns all parents.
+    HAS_PRIOR (self-attention routing): c_r = softmax + prior ([Nin, Nout])."""
     HAS_B: tl.constexpr = JB > 0
     JBG: tl.constexpr = JB if HAS_B else JA
     slice_id, b, b_mask, first, last, j0 = _program_block(
@@ -301,6 +322,9 @@ def routing_forward_partial_kernel(
         elif CHUNKED:
             c_a = _chunk_coefficients(tile_a, V_a, parents_a, stats_ptr, b * n_in + capsule,
                                       b_mask, BLOCK_B, JA, DP)  # fmt: skip
+            if HAS_PRIOR:
+                c_a += _prior_row(prior_ptr, capsule, j0 + tl.arange(0, JA), n_out, stride_p_i,
+                                  stride_p_j, COMPUTE_DTYPE)[None, :]  # fmt: skip
             sum_a += _spread(c_a, BLOCK_B, JA, DP) * tile_a
         else:
             c_a, c_b = _softmax_parents(
@@ -308,6 +332,12 @@ def routing_forward_partial_kernel(
                 _agreement(tile_b, V_b, parents_b, BLOCK_B, JBG, DP),
                 HAS_B,
             )
+            if HAS_PRIOR:
+                c_a += _prior_row(prior_ptr, capsule, j0 + tl.arange(0, JA), n_out, stride_p_i,
+                                  stride_p_j, COMPUTE_DTYPE)[None, :]  # fmt: skip
+                if HAS_B:
+                    c_b += _prior_row(prior_ptr, capsule, JA + tl.arange(0, JBG), n_out,
+                                      stride_p_i, stride_p_j, COMPUTE_DTYPE)[None, :]  # fmt: skip
             sum_a += _spread(c_a, BLOCK_B, JA, DP) * tile_a
             if HAS_B:
                 sum_b += _spread(c_b, BLOCK_B, JB, DP) * tile_b
@@ -442,18 +472,22 @@ def routing_forward_combine_kernel(
     stride_bias_j,
     stride_bias_d,
     HAS_BIAS: tl.constexpr,
+    ATTENTION: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Grid (capsule blocks,): ``s_r = sum of the slices (+ bias)``, ``v_r = squash(s_r)``. Writes
     s_all[r], V_all[r + 1] = V_r + v_r (V_all[0] = 0 when r = 0), and v (output dtype) after the
-    last iteration. s_all, V_all: contiguous [R, B, Nout, Dout] in COMPUTE_DTYPE."""
+    last iteration. s_all, V_all: contiguous [R, B, Nout, Dout] in COMPUTE_DTYPE.
+    ATTENTION (self-attention routing, R = 2): r = 0 writes the totals T = s_0 (no 1/Nout) and
+    V_all[1] = T / sqrt(Dout), the vector every agreement is taken with; r = 1 writes
+    v = exp_squash(s_1)."""
     pid = tl.program_id(0)
     offsets, mask, parent = _capsule_rows(pid, batch, n_out, d_out, BLOCK_ROWS, BLOCK_D)
     size = tl.cast(batch, tl.int64) * n_out * d_out
     s = _sum_slices(partial_ptr, offsets, mask, slices, size, COMPUTE_DTYPE)
-    if r == 0:  # constant logits: c = 1 / Nout
+    if r == 0 and not ATTENTION:  # constant logits: c = 1 / Nout
         s = s / n_out
     if HAS_BIAS:
         d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -461,7 +495,13 @@ def routing_forward_combine_kernel(
         s += tl.load(bias_ptr + bias_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     here = tl.cast(r, tl.int64) * size + offsets
     tl.store(s_all_ptr + here, s, mask=mask)
-    v = tl.where(mask, squash_rows(s, eps), 0.0)
+    if ATTENTION:  # "v_0" is T / sqrt(Dout), so V_1 = 0 + v_0 is what the agreements take
+        if r == 0:
+            v = _over_sqrt(s, d_out)
+        else:
+            v = tl.where(mask, squash_rows(s, eps, True), 0.0)
+    else:
+        v = tl.where(mask, squash_rows(s, eps), 0.0)
     if r == 0:
         V = tl.zeros_like(s)
         tl.store(V_all_ptr + here, V, mask=mask)
@@ -487,12 +527,14 @@ def routing_output_grad_kernel(
     stride_gv_j,
     stride_gv_d,
     DETACHED: tl.constexpr,
+    EXP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid (capsule blocks,): ``grad_s_all[R-1] = squash'(s_(R-1)) grad v`` (when the parents are
-    chunked, before the backward's other kernels); DETACHED also zeroes the other iterations."""
+    """Grid (capsule blocks,): ``grad_s_all[R-1] = squash'(s_(R-1)) grad v`` (EXP: exp_squash';
+    when the parents are chunked, before the backward's other kernels); DETACHED also zeroes the
+    other iterations."""
     rows = tl.cast(tl.program_id(0), tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask = (rows < batch * n_out)[:, None] & (d < d_out)[None, :]
@@ -502,7 +544,7 @@ def routing_output_grad_kernel(
     size = tl.cast(batch, tl.int64) * n_out * d_out
     last = tl.cast(iterations - 1, tl.int64) * size + offsets
     s = tl.load(s_all_ptr + last, mask=mask, other=0.0)
-    grad_s = tl.where(mask, squash_rows_backward(s, grad_v.to(COMPUTE_DTYPE), eps), 0.0)
+    grad_s = tl.where(mask, squash_rows_backward(s, grad_v.to(COMPUTE_DTYPE), eps, EXP), 0.0)
     tl.store(grad_s_all_ptr + last, grad_s, mask=mask)
     if DETACHED:
         for r in range(iterations - 1):
@@ -530,19 +572,21 @@ def _output_grad_tile(
     stride_gv_b,
     stride_gv_j,
     stride_gv_d,
+    EXP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     JG: tl.constexpr,
     DP: tl.constexpr,
 ):
-    """gs_(R-1) = squash'(s_(R-1)) grad v for a parent group's [BLOCK_B, JG * DP] tile."""
+    """gs_(R-1) = squash'(s_(R-1)) grad v (EXP: exp_squash') for a parent group's
+    [BLOCK_B, JG * DP] tile."""
     n = tl.arange(0, JG * DP)
     j = j0 + (n // DP).to(tl.int64)
     d = (n % DP).to(tl.int64)
     gv_offsets = b[:, None] * stride_gv_b + (j * stride_gv_j + d * stride_gv_d)[None, :]
     grad_v = tl.load(grad_v_ptr + gv_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     s = tl.load(s_all_ptr + s_offset + state, mask=mask, other=0.0)
-    return tl.where(mask, _squash_backward_tile(s, grad_v, eps, BLOCK_B, JG, DP), 0.0)
+    return tl.where(mask, _squash_backward_tile(s, grad_v, eps, EXP, BLOCK_B, JG, DP), 0.0)
 
 
 @triton.jit
@@ -559,6 +603,8 @@ def routing_backward_partial_kernel(
     coef_grad_ptr,
     lse_ptr,
     inner_ptr,
+    prior_ptr,
+    grad_prior_ptr,
     batch,
     n_in,
     n_out,
@@ -578,12 +624,16 @@ def routing_backward_partial_kernel(
     stride_w_j,
     stride_w_d,
     stride_w_k,
+    stride_p_i,
+    stride_p_j,
     stride_gv_b,
     stride_gv_j,
     stride_gv_d,
     GRAD_FROM_OUTPUT: tl.constexpr,
     STORE_COEFFICIENTS: tl.constexpr,
     CHUNKED: tl.constexpr,
+    ATTENTION: tl.constexpr,
+    HAS_PRIOR: tl.constexpr,
     FROM_WEIGHT: tl.constexpr,
     DIN: tl.constexpr,
     KP: tl.constexpr,
@@ -600,12 +650,17 @@ def routing_backward_partial_kernel(
     ga_r into slot r-1 of coef and coef_grad (contiguous [R-1, B, Nin, Nout], COMPUTE_DTYPE) for
     the pairs kernel. gs_r is read from grad_s_all[r], or with GRAD_FROM_OUTPUT (r = R-1)
     computed from s_all[r] and grad v and stored by slice 0. CHUNKED: a program owns JA parents
-    and reads slot r-1 of lse and inner ([R-1, B, Nin], ``routing_softmax_stats_kernel``)."""
+    and reads slot r-1 of lse and inner ([R-1, B, Nin], ``routing_softmax_stats_kernel``).
+    ATTENTION (self-attention routing, r = 1): gs from exp_squash'; the coefficient stored for
+    the pairs kernel is softmax + prior (HAS_PRIOR), and the prior's gradient
+    ``sum over the block's samples of gc_ij = u_hat_ij . gs_j`` goes to grad_prior
+    [sample blocks, Nin, Nout] (COMPUTE_DTYPE), summed over the blocks by the host."""
     HAS_B: tl.constexpr = JB > 0
     JBG: tl.constexpr = JB if HAS_B else JA
     slice_id, b, b_mask, first, last, j0 = _program_block(
         tl.program_id(0), batch, n_in, capsules_per_slice, parent_chunks, BLOCK_B, JA
     )
+    sample_block = tl.cast(tl.program_id(0) // parent_chunks % tl.cdiv(batch, BLOCK_B), tl.int64)
     state_a, mask_a, parents_a, uh_a, w_a, w_mask_a = _group(
         b, b_mask, j0, n_out, d_out, stride_uh_b, stride_uh_j, stride_uh_d,
         stride_w_j, stride_w_d, stride_w_k, DIN, KP, JA, DP,
@@ -631,13 +686,13 @@ def routing_backward_partial_kernel(
     stats_at = (tl.cast(r - 1, tl.int64) * batch + b) * n_in
     if GRAD_FROM_OUTPUT:
         gs_a = _output_grad_tile(s_all_ptr, grad_v_ptr, b, j0, n_out, d_out, state_a, mask_a,
-                                 offset, eps, stride_gv_b, stride_gv_j, stride_gv_d,
+                                 offset, eps, stride_gv_b, stride_gv_j, stride_gv_d, ATTENTION,
                                  COMPUTE_DTYPE, BLOCK_B, JA, DP)  # fmt: skip
         gs_b = gs_a
         if HAS_B:
             gs_b = _output_grad_tile(s_all_ptr, grad_v_ptr, b, JA, n_out, d_out, state_b, mask_b,
                                      offset, eps, stride_gv_b, stride_gv_j, stride_gv_d,
-                                     COMPUTE_DTYPE, BLOCK_B, JB, DP)  # fmt: skip
+                                     ATTENTION, COMPUTE_DTYPE, BLOCK_B, JB, DP)  # fmt: skip
         if slice_id == 0:
             tl.store(grad_s_all_ptr + offset + state_a, gs_a, mask=mask_a)
             if HAS_B:
@@ -662,11 +717,19 @@ def routing_backward_partial_kernel(
         if HAS_B:
             tile_b, _ = _u_hat_group(U, capsule_u_hat, uh_b, mask_b, capsule_w, w_b, w_mask_b,
                                      FROM_WEIGHT, PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
+        grad_c_a = _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP)
+        grad_c_b = grad_c_a
+        if HAS_B:
+            grad_c_b = _parent_sum(tile_b * gs_b, parents_b, BLOCK_B, JBG, DP)
+        if HAS_PRIOR:  # this sample block's part of grad prior: sum over its samples of gc
+            prior_at = grad_prior_ptr + (sample_block * n_in + capsule) * n_out
+            tl.store(prior_at + parent_a, tl.sum(grad_c_a, axis=0), mask=parent_a < n_out)
+            if HAS_B:
+                tl.store(prior_at + parent_b, tl.sum(grad_c_b, axis=0), mask=parent_b < n_out)
         if CHUNKED:
             c_a = _chunk_coefficients(tile_a, V_a, parents_a, lse_ptr, stats_at + capsule, b_mask,
                                       BLOCK_B, JA, DP)  # fmt: skip
             inner = tl.load(inner_ptr + stats_at + capsule, mask=b_mask, other=0.0)
-            grad_c_a = _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP)
             ga_a = c_a * (grad_c_a - inner[:, None])
             c_b, ga_b = c_a, ga_a
         else:
@@ -675,15 +738,16 @@ def routing_backward_partial_kernel(
                 _agreement(tile_b, V_b, parents_b, BLOCK_B, JBG, DP),
                 HAS_B,
             )
-            ga_a, ga_b = _softmax_parents_backward(
-                c_a, c_b,
-                _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP),
-                _parent_sum(tile_b * gs_b, parents_b, BLOCK_B, JBG, DP),
-                HAS_B,
-            )  # fmt: skip
+            ga_a, ga_b = _softmax_parents_backward(c_a, c_b, grad_c_a, grad_c_b, HAS_B)
         sum_a += _spread(ga_a, BLOCK_B, JA, DP) * tile_a
         if HAS_B:
             sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
+        if HAS_PRIOR and STORE_COEFFICIENTS:  # the pairs kernel's c is softmax + prior
+            c_a += _prior_row(prior_ptr, capsule, parent_a, n_out, stride_p_i, stride_p_j,
+                              COMPUTE_DTYPE)[None, :]  # fmt: skip
+            if HAS_B:
+                c_b += _prior_row(prior_ptr, capsule, parent_b, n_out, stride_p_i, stride_p_j,
+                                  COMPUTE_DTYPE)[None, :]  # fmt: skip
         if STORE_COEFFICIENTS:
             coef_at = coef_offsets + capsule * n_out
             tl.store(coef_ptr + coef_at + parent_a[None, :], c_a, mask=coef_mask_a)
@@ -710,13 +774,15 @@ def routing_backward_combine_kernel(
     r,
     eps,
     FIRST: tl.constexpr,
+    ATTENTION: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Grid (capsule blocks,), iteration r >= 1: gV_r = sum of the slices; the gradient reaching
     v_(r-1) is ``go = gV_r + ... + gV_(R-1)`` (kept in grad_later [B, Nout, Dout]; FIRST: r = R-1,
-    nothing kept yet); writes grad_s_all[r-1] = squash'(s_(r-1)) go."""
+    nothing kept yet); writes grad_s_all[r-1] = squash'(s_(r-1)) go. ATTENTION (R = 2): "v_0" is
+    T / sqrt(Dout), so grad_s_all[0] = grad T = go / sqrt(Dout)."""
     offsets, mask, _ = _capsule_rows(tl.program_id(0), batch, n_out, d_out, BLOCK_ROWS, BLOCK_D)
     size = tl.cast(batch, tl.int64) * n_out * d_out
     grad_out = _sum_slices(partial_ptr, offsets, mask, slices, size, COMPUTE_DTYPE)
@@ -725,25 +791,44 @@ def routing_backward_combine_kernel(
     if r > 1:
         tl.store(grad_later_ptr + offsets, grad_out, mask=mask)
     earlier = tl.cast(r - 1, tl.int64) * size + offsets
-    s = tl.load(s_all_ptr + earlier, mask=mask, other=0.0)
-    grad_s = tl.where(mask, squash_rows_backward(s, grad_out, eps), 0.0)
+    if ATTENTION:
+        grad_s = _over_sqrt(grad_out, d_out)
+    else:
+        s = tl.load(s_all_ptr + earlier, mask=mask, other=0.0)
+        grad_s = tl.where(mask, squash_rows_backward(s, grad_out, eps), 0.0)
     tl.store(grad_s_all_ptr + earlier, grad_s, mask=mask)
 
 
 @triton.jit
-def _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a, parents_b, g_a, g_b,
-                WITH_LOGITS: tl.constexpr, HAS_B: tl.constexpr, BLOCK_B: tl.constexpr,
-                JA: tl.constexpr, JBG: tl.constexpr, DP: tl.constexpr):  # fmt: skip
+def _first_term(grad_s_all_ptr, state, mask, n_out, ATTENTION: tl.constexpr):
+    """Iteration 0's term of g_u_hat: gs_0 / Nout (constant coefficients 1 / Nout), or with
+    ATTENTION grad T (T = sum_i u_hat_i, so every child gets all of it)."""
+    gs = tl.load(grad_s_all_ptr + state, mask=mask, other=0.0)
+    if not ATTENTION:
+        gs = gs / n_out
+    return gs
+
+
+@triton.jit
+def _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a, parents_b, g_a, g_b, prior_a,
+                prior_b, WITH_LOGITS: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_B: tl.constexpr,
+                BLOCK_B: tl.constexpr, JA: tl.constexpr, JBG: tl.constexpr,
+                DP: tl.constexpr):  # fmt: skip
     """Adds one iteration's ``c_r gs_r`` (and with WITH_LOGITS ``ga_r V_r``) to g_u_hat of both
-    parent groups, recomputing c_r and ga_r from the u_hat tiles."""
+    parent groups, recomputing c_r and ga_r from the u_hat tiles. HAS_PRIOR: c_r is the softmax
+    plus the prior rows prior_a [JA] and prior_b [JBG]; ga_r is the softmax's."""
     c_a, c_b = _softmax_parents(
         _agreement(tile_a, V_a, parents_a, BLOCK_B, JA, DP),
         _agreement(tile_b, V_b, parents_b, BLOCK_B, JBG, DP),
         HAS_B,
     )
-    g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
+    coupling_a, coupling_b = c_a, c_b
+    if HAS_PRIOR:
+        coupling_a += prior_a[None, :]
+        coupling_b += prior_b[None, :]
+    g_a += _spread(coupling_a, BLOCK_B, JA, DP) * gs_a
     if HAS_B:
-        g_b += _spread(c_b, BLOCK_B, JBG, DP) * gs_b
+        g_b += _spread(coupling_b, BLOCK_B, JBG, DP) * gs_b
     if WITH_LOGITS:
         ga_a, ga_b = _softmax_parents_backward(
             c_a, c_b,
@@ -781,7 +866,7 @@ def _grad_weight_offsets(j0, n_out, d_out, DIN: tl.constexpr, KP: tl.constexpr,
     return offsets, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["blocks_per_chunk"])
 def routing_backward_pairs_kernel(
     u_hat_ptr,
     u_ptr,
@@ -794,6 +879,7 @@ def routing_backward_pairs_kernel(
     coef_grad_ptr,
     lse_ptr,
     inner_ptr,
+    prior_ptr,
     grad_u_hat_ptr,
     grad_u_ptr,
     grad_w_ptr,
@@ -818,12 +904,16 @@ def routing_backward_pairs_kernel(
     stride_w_j,
     stride_w_d,
     stride_w_k,
+    stride_p_i,
+    stride_p_j,
     stride_gv_b,
     stride_gv_j,
     stride_gv_d,
     LAST_ONLY: tl.constexpr,
     STORED_COEFFICIENTS: tl.constexpr,
     CHUNKED: tl.constexpr,
+    ATTENTION: tl.constexpr,
+    HAS_PRIOR: tl.constexpr,
     FROM_WEIGHT: tl.constexpr,
     DIN: tl.constexpr,
     KP: tl.constexpr,
@@ -844,7 +934,8 @@ def routing_backward_pairs_kernel(
     COMPUTE_DTYPE). STORED_COEFFICIENTS: c_r and ga_r come from coef and coef_grad, else from a
     recomputed u_hat (CHUNKED: with lse and inner, [R-1, B, Nin]). LAST_ONLY: only the last
     weighted sum is differentiated; gs_(R-1) is computed here, and stored (with zeros for the
-    other iterations) by slice 0."""
+    other iterations) by slice 0. ATTENTION (self-attention routing, R = 2, not LAST_ONLY):
+    g_u_hat = grad T + c_1 gs_1 + ga_1 V_1, with c_1 = softmax + prior (HAS_PRIOR)."""
     HAS_B: tl.constexpr = JB > 0
     JBG: tl.constexpr = JB if HAS_B else JA
     pid = tl.program_id(0)
@@ -886,13 +977,14 @@ def routing_backward_pairs_kernel(
             # the only term: c_(R-1) gs_(R-1); V_(R-1) = 0 when R = 1 gives c = 1/Nout
             gs_a = _output_grad_tile(s_all_ptr, grad_v_ptr, b, j0, n_out, d_out, state_a, mask_a,
                                      last_offset, eps, stride_gv_b, stride_gv_j, stride_gv_d,
-                                     COMPUTE_DTYPE, BLOCK_B, JA, DP)  # fmt: skip
+                                     ATTENTION, COMPUTE_DTYPE, BLOCK_B, JA, DP)  # fmt: skip
             V_a = tl.load(V_all_ptr + last_offset + state_a, mask=mask_a, other=0.0)
             gs_b, V_b = gs_a, V_a
             if HAS_B:
                 gs_b = _output_grad_tile(s_all_ptr, grad_v_ptr, b, JA, n_out, d_out, state_b,
                                          mask_b, last_offset, eps, stride_gv_b, stride_gv_j,
-                                         stride_gv_d, COMPUTE_DTYPE, BLOCK_B, JB, DP)  # fmt: skip
+                                         stride_gv_d, ATTENTION, COMPUTE_DTYPE, BLOCK_B, JB,
+                                         DP)  # fmt: skip
                 V_b = tl.load(V_all_ptr + last_offset + state_b, mask=mask_b, other=0.0)
             if slice_id == 0:
                 tl.store(grad_s_all_ptr + last_offset + state_a, gs_a, mask=mask_a)
@@ -921,11 +1013,11 @@ def routing_backward_pairs_kernel(
                     W_a = tl.load(capsule_w + w_a, mask=w_mask_a, other=0.0)
                     if HAS_B:
                         W_b = tl.load(capsule_w + w_b, mask=w_mask_b, other=0.0)
-                # iteration 0 has constant logits: its term is gs_0 / Nout
-                g_a = tl.load(grad_s_all_ptr + state_a, mask=mask_a, other=0.0) / n_out
+                # iteration 0 has constant logits: its term is gs_0 / Nout (ATTENTION: grad T)
+                g_a = _first_term(grad_s_all_ptr, state_a, mask_a, n_out, ATTENTION)
                 g_b = g_a
                 if HAS_B:
-                    g_b = tl.load(grad_s_all_ptr + state_b, mask=mask_b, other=0.0) / n_out
+                    g_b = _first_term(grad_s_all_ptr, state_b, mask_b, n_out, ATTENTION)
                 coef_at = coef_rows + capsule * n_out
                 for r in range(1, iterations):
                     offset = tl.cast(r, tl.int64) * size
@@ -948,6 +1040,14 @@ def routing_backward_pairs_kernel(
                         g_b += _spread(ga_b, BLOCK_B, JB, DP) * V_b
             else:
                 # the coefficients from a recomputed u_hat tile
+                prior_a = tl.zeros((JA,), dtype=COMPUTE_DTYPE)
+                prior_b = tl.zeros((JBG,), dtype=COMPUTE_DTYPE)
+                if HAS_PRIOR:
+                    prior_a = _prior_row(prior_ptr, capsule, parent_a, n_out, stride_p_i,
+                                         stride_p_j, COMPUTE_DTYPE)  # fmt: skip
+                    if HAS_B:
+                        prior_b = _prior_row(prior_ptr, capsule, parent_b, n_out, stride_p_i,
+                                             stride_p_j, COMPUTE_DTYPE)  # fmt: skip
                 tile_a, W_a = _u_hat_group(U, capsule_u_hat, uh_a, mask_a, capsule_w, w_a,
                                            w_mask_a, FROM_WEIGHT, PRECISION, DOT_DTYPE,
                                            COMPUTE_DTYPE)  # fmt: skip
@@ -966,10 +1066,10 @@ def routing_backward_pairs_kernel(
                 elif LAST_ONLY:
                     g_a, g_b = _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a,
                                            parents_b, tl.zeros_like(tile_a),
-                                           tl.zeros_like(tile_b), False, HAS_B, BLOCK_B, JA, JBG,
-                                           DP)  # fmt: skip
+                                           tl.zeros_like(tile_b), prior_a, prior_b, False,
+                                           HAS_PRIOR, HAS_B, BLOCK_B, JA, JBG, DP)  # fmt: skip
                 elif CHUNKED:
-                    g_a = tl.load(grad_s_all_ptr + state_a, mask=mask_a, other=0.0) / n_out
+                    g_a = _first_term(grad_s_all_ptr, state_a, mask_a, n_out, ATTENTION)
                     g_b = g_a
                     for r in range(1, iterations):
                         offset = tl.cast(r, tl.int64) * size
@@ -980,14 +1080,16 @@ def routing_backward_pairs_kernel(
                                                   b_mask, BLOCK_B, JA, DP)  # fmt: skip
                         inner = tl.load(inner_ptr + stats_at, mask=b_mask, other=0.0)
                         grad_c = _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP)
-                        g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
                         g_a += _spread(c_a * (grad_c - inner[:, None]), BLOCK_B, JA, DP) * V_a
+                        if HAS_PRIOR:
+                            c_a += prior_a[None, :]
+                        g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
                     g_b = g_a
                 else:
-                    g_a = tl.load(grad_s_all_ptr + state_a, mask=mask_a, other=0.0) / n_out
+                    g_a = _first_term(grad_s_all_ptr, state_a, mask_a, n_out, ATTENTION)
                     g_b = g_a
                     if HAS_B:
-                        g_b = tl.load(grad_s_all_ptr + state_b, mask=mask_b, other=0.0) / n_out
+                        g_b = _first_term(grad_s_all_ptr, state_b, mask_b, n_out, ATTENTION)
                     for r in range(1, iterations):
                         offset = tl.cast(r, tl.int64) * size
                         V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
@@ -998,8 +1100,9 @@ def routing_backward_pairs_kernel(
                             gs_b = tl.load(grad_s_all_ptr + offset + state_b, mask=mask_b,
                                            other=0.0)  # fmt: skip
                         g_a, g_b = _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a,
-                                               parents_b, g_a, g_b, True, HAS_B, BLOCK_B, JA,
-                                               JBG, DP)  # fmt: skip
+                                               parents_b, g_a, g_b, prior_a, prior_b, True,
+                                               HAS_PRIOR, HAS_B, BLOCK_B, JA, JBG,
+                                               DP)  # fmt: skip
             if FROM_WEIGHT:
                 grad_u, grad_w_a = _contract_group(g_a, W_a, U, PRECISION, COMPUTE_DTYPE)
                 capsule_gw = gw_chunk + capsule * n_out * d_out * DIN

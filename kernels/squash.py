@@ -114,18 +114,25 @@ def _largest(x):
 
 
 @triton.jit
-def squash_rows(s, eps):
+def squash_rows(s, eps, EXP: tl.constexpr = False):
     """v for every row of a [rows, D] block (in the block's dtype): ``g(|s|) s / |s|``, exact
-    to the dtype's precision for every finite s."""
-    u, g, _f, _dg = squash_factors(s, eps, _largest(s), False)
+    to the dtype's precision for every finite s; squash, or with EXP exp_squash (eps unused)."""
+    if EXP:
+        u, g, _f, _dg = exp_squash_factors(s, _largest(s))
+    else:
+        u, g, _f, _dg = squash_factors(s, eps, _largest(s), False)
     return u * g[:, None]
 
 
 @triton.jit
-def squash_rows_backward(s, grad_v, eps):
+def squash_rows_backward(s, grad_v, eps, EXP: tl.constexpr = False):
     """grad s for every row of a [rows, D] block, given grad v: a tangential plus a radial part,
-    ``f (gv - (u . gv) u) + g' (u . gv) u``, each well conditioned."""
-    u, _g, f, dg = squash_factors(s, eps, _largest(s), True)
+    ``f (gv - (u . gv) u) + g' (u . gv) u``, each well conditioned (squash, or with EXP
+    exp_squash)."""
+    if EXP:
+        u, _g, f, dg = exp_squash_factors(s, _largest(s))
+    else:
+        u, _g, f, dg = squash_factors(s, eps, _largest(s), True)
     return _tangential_radial(u, f, dg, grad_v)
 
 
@@ -146,11 +153,7 @@ def squash_forward_kernel(
     """v = squash(s), or with EXP exp_squash(s) (eps unused)."""
     rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
-    if EXP:
-        u, g, _f, _dg = exp_squash_factors(s, _largest(s))
-        v = u * g[:, None]
-    else:
-        v = squash_rows(s, eps)
+    v = squash_rows(s, eps, EXP)
     tl.store(v_ptr + rows[:, None] * d + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
@@ -175,11 +178,7 @@ def squash_backward_kernel(
     rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
     s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
     grad_v = _load_block(grad_v_ptr, rows, cols, mask, stride_g_row, stride_g_col, COMPUTE_DTYPE)
-    if EXP:
-        u, _g, f, dg = exp_squash_factors(s, _largest(s))
-        grad_s = _tangential_radial(u, f, dg, grad_v)
-    else:
-        grad_s = squash_rows_backward(s, grad_v, eps)
+    grad_s = squash_rows_backward(s, grad_v, eps, EXP)
     out_offsets = rows[:, None] * d + cols[None, :]
     tl.store(grad_s_ptr + out_offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
 

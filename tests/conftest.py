@@ -175,3 +175,18 @@ def check_squash(backend: str, s64: torch.Tensor, dim: int, dtype, device) -> No
     (gs_ref,) = grads(v_ref, (s_ref,), grad_v)
     assert torch.isfinite(gs).all()
     assert_close(gs, gs_ref, dtype, "grad s")
+
+
+# Forced tilings of the Triton routing kernels, so that small shapes take every path the large
+# ones take: several slices of input capsules and sample blocks per program, grad W summed over
+# batch chunks, and the pairs kernel with stored or recomputed coefficients.
+TRITON_PATHS = {
+    "split-chunked": dict(capsules_per_slice=5, block_b=16, chunks=2),
+    "stored-coefficients": dict(store_coefficients=True, capsules_per_slice=4),
+    "recomputed-coefficients": dict(store_coefficients=False, block_b=16, capsules_per_slice=7),
+    # parents in chunks of 2 (the last one half padded), coupled by softmax statistics
+    "parent-chunks-stored": dict(parent_chunks=2, chunk_parents=2, store_coefficients=True),
+    "parent-chunks-recomputed": dict(
+        parent_chunks=2, chunk_parents=2, store_coefficients=False, chunks=2, block_b=16
+    ),
+}

@@ -13,6 +13,7 @@ from conftest import (
     CUDA,
     SHAPES,
     TRITON,
+    TRITON_PATHS,
     Shape,
     as_float64_leaf,
     assert_close,
@@ -24,15 +25,14 @@ from conftest import (
 from fastcaps import reference
 
 BACKEND_DTYPES = [("torch", torch.float64), ("torch", torch.float32), ("torch", torch.bfloat16)]
-# exp_squash has Triton kernels (the interpreter has no half-precision arithmetic)
+# the interpreter has no half-precision arithmetic: half precision on CUDA only
 TRITON_DTYPES = [("triton", torch.float64), ("triton", torch.float32)] + (
     [("triton", torch.float16), ("triton", torch.bfloat16)] if CUDA else []
 )
 
 
-ALL = backend_params(BACKEND_DTYPES)
-FLOAT64 = backend_params([("torch", torch.float64)])
-EXP_SQUASH = backend_params(BACKEND_DTYPES + TRITON_DTYPES)
+ALL = backend_params(BACKEND_DTYPES + TRITON_DTYPES)
+FLOAT64 = backend_params([("torch", torch.float64), ("triton", torch.float64)])
 
 
 ATTENTION_SHAPES = [*SHAPES, Shape(3, 16, 10, 16, 8)]  # + Efficient-CapsNet's layer
@@ -72,10 +72,27 @@ def check_layer(backend, u, weight, prior, dtype, what=""):
 @pytest.mark.parametrize("with_prior", [False, True], ids=["noprior", "prior"])
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: s.id)
 @pytest.mark.parametrize("backend,dtype", ALL)
-def test_attention_routing_matches_reference(device, backend, dtype, shape, with_prior):
-    u, weight, _ = make_layer_inputs(shape, dtype, device, bias=False)
-    prior = make_prior(shape, dtype, device) if with_prior else None
+def test_attention_routing_matches_reference(on_device, backend, dtype, shape, with_prior):
+    u, weight, _ = make_layer_inputs(shape, dtype, on_device, bias=False)
+    prior = make_prior(shape, dtype, on_device) if with_prior else None
     check_layer(backend, u, weight, prior, dtype)
+
+
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+@pytest.mark.parametrize("with_prior", [False, True], ids=["noprior", "prior"])
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_triton_tiling_paths_match_reference(device, path, with_prior):
+    """Small shapes forced through every tiling the large ones take (slices, sample blocks,
+    batch chunks, stored or recomputed coefficients, chunked parents)."""
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    from fastcaps.triton_launch import override_routing_plan
+
+    shape = Shape(20, 13, 3, 5, 3)  # 20 samples: two blocks of 16
+    u, weight, _ = make_layer_inputs(shape, torch.float64, device, bias=False)
+    prior = make_prior(shape, torch.float64, device) if with_prior else None
+    with override_routing_plan(**TRITON_PATHS[path]):
+        check_layer("triton", u, weight, prior, torch.float64, path)
 
 
 def test_reference_is_the_papers_formula():
@@ -98,7 +115,7 @@ def test_reference_is_the_papers_formula():
 
 
 @pytest.mark.parametrize("dim", [-1, 0, 1], ids=lambda d: f"dim{d}")
-@pytest.mark.parametrize("backend,dtype", EXP_SQUASH)
+@pytest.mark.parametrize("backend,dtype", ALL)
 def test_exp_squash_matches_reference(on_device, backend, dtype, dim):
     device = on_device
     g = torch.Generator().manual_seed(7)
@@ -118,7 +135,7 @@ def test_exp_squash_matches_reference(on_device, backend, dtype, dim):
     assert_close(gs, gs_ref, dtype, "grad s")
 
 
-@pytest.mark.parametrize("backend,dtype", EXP_SQUASH)
+@pytest.mark.parametrize("backend,dtype", ALL)
 def test_exp_squash_is_exact_at_every_norm(on_device, backend, dtype):
     """Norms across the Triton kernel's switch from its series (|s| < 0.5) to 1 - exp(-|s|),
     against the float64 reference (``expm1``): float64 to 1e-14, the others to their table."""
@@ -188,18 +205,16 @@ def test_gradcheck_and_gradgradcheck_float64(on_device, backend, dtype):
         (lambda x, p: fastcaps.attention_routing(x, p, backend=backend), (u_hat, prior)),
         (lambda x: fastcaps.exp_squash(x, backend=backend), (s,)),
     ]  # fmt: skip
-    if backend == "triton":  # only exp_squash has Triton kernels
-        cases = cases[2:]
     for fn, inputs in cases:
         assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
         assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend,dtype", [p for p in ALL if p.values[1] != torch.bfloat16])
-def test_zero_vectors(device, backend, dtype):
+def test_zero_vectors(on_device, backend, dtype):
     shape = SHAPES[0]
-    u, weight, _ = make_layer_inputs(shape, dtype, device, bias=False)
-    prior = make_prior(shape, dtype, device)
+    u, weight, _ = make_layer_inputs(shape, dtype, on_device, bias=False)
+    prior = make_prior(shape, dtype, on_device)
     with torch.no_grad():
         u[1] = 0  # a whole sample of zero capsules: s = 0
         u[2, :5] = 0
@@ -212,7 +227,8 @@ def test_zero_vectors(device, backend, dtype):
 
 
 @pytest.mark.parametrize("backend,dtype", FLOAT64)
-def test_non_contiguous_inputs_and_gradients(device, backend, dtype):
+def test_non_contiguous_inputs_and_gradients(on_device, backend, dtype):
+    device = on_device
     shape = SHAPES[0]
     g = torch.Generator().manual_seed(10)
     u = torch.randn(shape.Nin, shape.B, shape.Din, generator=g, dtype=dtype).transpose(0, 1)
@@ -232,8 +248,13 @@ def test_non_contiguous_inputs_and_gradients(device, backend, dtype):
         assert_close(a, b, dtype, "grad")
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_empty_batch(device, backend):
+@pytest.mark.parametrize(
+    "backend",
+    ["reference", "torch",
+     pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs triton"))],
+)  # fmt: skip
+def test_empty_batch(on_device, backend):
+    device = on_device
     shape = Shape(0, 6, 3, 4, 2)
     u, weight, _ = make_layer_inputs(shape, torch.float32, device, bias=False)
     prior = make_prior(shape, torch.float32, device)
@@ -279,9 +300,24 @@ def test_bad_input_names_the_argument():
         fastcaps.exp_squash(torch.ones(3, 4), dim=2)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         fastcaps.attention_routing(u_hat, backend="cuda")
-    if TRITON:
-        with pytest.raises(NotImplementedError, match="no kernel for attention_routing yet"):
-            fastcaps.attention_routing(u_hat, backend="triton")
+
+
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+def test_triton_layer_saves_no_u_hat(device):
+    """The fused layer keeps u, weight, prior and [2, B, Nout, Dout] of state (T and s, 0 and
+    T / sqrt(Dout)): nothing with both Nin and Dout."""
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    shape = Shape(8, 40, 6, 8, 4)
+    u, weight, _ = make_layer_inputs(shape, torch.float32, device, bias=False)
+    prior = make_prior(shape, torch.float32, device)
+    v, saved = saved_state(
+        lambda: fastcaps.capsule_attention_routing(u, weight, prior, backend="triton"),
+        (u, weight, prior),
+    )
+    assert sorted(tuple(t.shape) for t in saved) == [(2, 8, 6, 8), (2, 8, 6, 8)]
+    v.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (u, weight, prior))
 
 
 def test_the_row_sum_identity_that_makes_it_linear():

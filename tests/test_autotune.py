@@ -102,7 +102,9 @@ def test_a_candidate_that_runs_out_of_memory_loses(tuner):
 def test_autotune_off_uses_the_static_rule(tuner, monkeypatch):
     monkeypatch.setenv(autotune.ENV_VAR, "0")
     u, weight = layer()
-    for op in ("capsule_routing", "dynamic_routing", "squash", "predictions", "exp_squash"):
+    backend_module.load_triton_ops()
+    assert set(autotune.STATIC_RULE) == set(backend_module._TRITON_OPS)  # a rule for every op
+    for op in autotune.STATIC_RULE:
         assert backend_module.resolve_backend(op, "auto", u) == autotune.STATIC_RULE[op]
     fastcaps.capsule_routing(u, weight)
     assert tuner.timer.calls == 0 and not tuner.decisions

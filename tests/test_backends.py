@@ -16,6 +16,7 @@ from conftest import (
     SHAPES,
     TOLERANCES,
     TRITON,
+    TRITON_PATHS,
     Shape,
     as_float64_leaf,
     assert_close,
@@ -70,21 +71,6 @@ def test_capsule_routing_matches_reference(
 ):
     u, weight, b = make_layer_inputs(shape, dtype, on_device, bias)
     check_capsule_routing(backend, u, weight, b, iterations, detach_logits, dtype)
-
-
-# Forced tilings of the Triton routing kernels, so that small shapes take every path the large
-# ones take: several slices of input capsules and sample blocks per program, grad W summed over
-# batch chunks, and the pairs kernel with stored or recomputed coefficients.
-TRITON_PATHS = {
-    "split-chunked": dict(capsules_per_slice=5, block_b=16, chunks=2),
-    "stored-coefficients": dict(store_coefficients=True, capsules_per_slice=4),
-    "recomputed-coefficients": dict(store_coefficients=False, block_b=16, capsules_per_slice=7),
-    # parents in chunks of 2 (the last one half padded), coupled by softmax statistics
-    "parent-chunks-stored": dict(parent_chunks=2, chunk_parents=2, store_coefficients=True),
-    "parent-chunks-recomputed": dict(
-        parent_chunks=2, chunk_parents=2, store_coefficients=False, chunks=2, block_b=16
-    ),
-}
 
 
 @pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")

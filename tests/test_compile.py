@@ -89,6 +89,7 @@ def _opcheck_cases(device):
     shape = Shape(3, 7, 3, 5, 2)
     u, weight, bias = make_layer_inputs(shape, torch.float64, device, bias=True)
     u_hat = fastcaps.reference.predictions(u.detach(), weight.detach()).requires_grad_()
+    prior = (0.1 * torch.randn(7, 3, dtype=torch.float64, device=device)).requires_grad_()
     ops = torch.ops.fastcaps
     return {
         "squash": (ops.squash.default, (u_hat.detach()[:, 0].requires_grad_(), 1e-8)),
@@ -98,6 +99,9 @@ def _opcheck_cases(device):
         "dynamic_routing-detach": (ops.dynamic_routing.default, (u_hat, None, 3, True, 1e-8)),
         "capsule_routing": (ops.capsule_routing.default, (u, weight, bias, 3, False, 1e-8)),
         "capsule_routing-detach": (ops.capsule_routing.default, (u, weight, None, 2, True, 1e-8)),
+        "attention_routing": (ops.attention_routing.default, (u_hat, prior)),
+        "attention_routing-noprior": (ops.attention_routing.default, (u_hat, None)),
+        "capsule_attention_routing": (ops.capsule_attention_routing.default, (u, weight, prior)),
     }
 
 
@@ -112,6 +116,9 @@ def _opcheck_cases(device):
         "dynamic_routing-detach",
         "capsule_routing",
         "capsule_routing-detach",
+        "attention_routing",
+        "attention_routing-noprior",
+        "capsule_attention_routing",
     ],
 )
 def test_triton_ops_pass_opcheck(case):
