@@ -82,24 +82,13 @@ def _per_slice(a: dict) -> float:
     return a["n_in"] / _cdiv(a["n_in"], a["capsules_per_slice"])
 
 
-def _capsule_loop(a: dict) -> list[float]:
-    """The trips of a loop over a slice's capsules; none when the JIT specialised
-    capsules_per_slice = 1 and the compiler made the loop a branch."""
-    return [_per_slice(a)] if a["capsules_per_slice"] > 1 else []
-
-
-def _slices_loop(a: dict) -> list[float]:
-    """The combine kernels' loop over the slices after the first (gone at one slice)."""
-    return [a["slices"] - 1] if a["slices"] > 1 else []
-
-
 def _pairs_trips(a: dict) -> list[float]:
     blocks = _cdiv(_cdiv(a["batch"], a["BLOCK_B"]), a["chunks"])
     if a["LAST_ONLY"]:
         # the zero-fill loop runs only in slice 0 programs: count its average per program
         slices = _cdiv(a["n_in"], a["capsules_per_slice"])
-        return [blocks, (a["iterations"] - 1) / slices, *_capsule_loop(a)]
-    return [blocks, *_capsule_loop(a), a["iterations"] - 1]
+        return [blocks, (a["iterations"] - 1) / slices, _per_slice(a)]
+    return [blocks, _per_slice(a), a["iterations"] - 1]
 
 
 def _grad_weight_trips(a: dict) -> list[float]:
@@ -116,14 +105,14 @@ def _legacy_pairs_trips(a: dict) -> list[float]:
 
 
 LOOP_TRIPS = {
-    "routing_forward_partial_kernel": _capsule_loop,
-    "routing_backward_partial_kernel": _capsule_loop,
-    "routing_forward_combine_kernel": _slices_loop,
-    "routing_backward_combine_kernel": _slices_loop,
+    "routing_forward_partial_kernel": lambda a: [_per_slice(a)],
+    "routing_backward_partial_kernel": lambda a: [_per_slice(a)],
+    "routing_forward_combine_kernel": lambda a: [a["slices"] - 1],
+    "routing_backward_combine_kernel": lambda a: [a["slices"] - 1],
     "routing_backward_pairs_kernel": lambda a: (
         _pairs_trips(a) if "LAST_ONLY" in a else _legacy_pairs_trips(a)
     ),
-    "routing_softmax_stats_kernel": lambda a: [*_capsule_loop(a), a["parent_chunks"]],
+    "routing_softmax_stats_kernel": lambda a: [_per_slice(a), a["parent_chunks"]],
     "routing_output_grad_kernel": lambda a: [a["iterations"] - 1] if a["DETACHED"] else [],
     "predictions_forward_kernel": lambda a: [],
     "predictions_grad_input_kernel": lambda a: [],

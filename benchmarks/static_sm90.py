@@ -28,6 +28,7 @@ Everything here is a *model*, read off compiled code; nothing is timed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -519,10 +520,26 @@ def match_loops(analysis: KernelAnalysis, trips: list[float] | None) -> list[flo
     """Trip counts of every SASS loop (pre-order) from the trip counts of the source loops
     (pre-order), or None when the loop structure does not match. A source loop that LLVM
     unrolled shows up as a main loop followed by a remainder loop, which are recognised by their
-    bodies and given ``trips // factor`` and ``trips % factor`` iterations."""
-    loops = analysis.loops
+    bodies and given ``trips // factor`` and ``trips % factor`` iterations. A source loop of at
+    most one trip may have been compiled away (its bound a value the JIT specialised, like a
+    slice of one capsule): when the full list does not match, the fewest such loops are
+    dropped that make it match."""
     if trips is None:
         return None
+    found = _match_loops(analysis, trips)
+    short = [i for i, t in enumerate(trips) if t <= 1]
+    for k in range(1, len(short) + 1):
+        if found is not None:
+            break
+        for dropped in itertools.combinations(short, k):
+            found = _match_loops(analysis, [t for i, t in enumerate(trips) if i not in dropped])
+            if found is not None:
+                break
+    return found
+
+
+def _match_loops(analysis: KernelAnalysis, trips: list[float]) -> list[float] | None:
+    loops = analysis.loops
     if len(trips) == len(loops):
         return list(trips)
     matched: list[float] = []

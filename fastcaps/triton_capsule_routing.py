@@ -40,7 +40,9 @@ Memory: saved for backward are u, weight, s_all and V_all. The largest buffers o
 are the coefficients c_r and ga_r kept for the pairs kernel (2 (R-1) B Nin Nout values, only
 while that is at most half of u_hat's size, ``store_coefficients``), grad u, grad weight and its
 partial sums; nothing of u_hat's size exists at any time (``tests/test_fused_layer.py`` checks
-the saved tensors and every CPU allocation).
+the saved tensors and every CPU allocation), except in layers whose whole u_hat is under
+``triton_launch.SMALL_SPLIT_BYTES`` (16 MiB), which may split into more partial sums to fill
+the GPU.
 """
 
 from __future__ import annotations

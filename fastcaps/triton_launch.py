@@ -226,6 +226,11 @@ def override_routing_plan(**fields):
         _PLAN_OVERRIDES.update(previous)
 
 
+# Layers whose split buffers stay under this size are split further when that fills the GPU
+# (their memory is negligible; their grid would otherwise be a few programs).
+SMALL_SPLIT_BYTES = 16 << 20
+
+
 def _warps(block_b: int, element_bytes: int) -> int:
     """8 warps for tiles of 32 float32 samples or more (16 float64), else 4."""
     return 8 if block_b * max(element_bytes, 4) >= 128 else 4
@@ -234,6 +239,7 @@ def _warps(block_b: int, element_bytes: int) -> int:
 def _partial_tiling(
     batch: int,
     n_in: int,
+    n_out: int,
     d_out: int,
     max_block_b: int,
     element_bytes: int,
@@ -244,11 +250,16 @@ def _partial_tiling(
     (``slices x B x Nout x Dout``) never exceed the logits' size (B x Nin x Nout); within that,
     programs get as many samples as possible (up to ``max_block_b``; at least 16, the dot's
     minimum M) while the programs still fill every SM once (one 8-warp or two 4-warp programs
-    per SM)."""
+    per SM). A layer too small to fill the GPU that way (few samples and few capsules, like
+    Efficient-CapsNet's 16) whose u_hat would take at most ``SMALL_SPLIT_BYTES`` is split down
+    to one capsule per slice: its partial sums are then at most that small u_hat's size."""
     max_slices = max(1, n_in // max(d_out, 1))
     block_b = min(max_block_b, max(16, triton.next_power_of_2(batch)))
     while block_b > 16 and triton.cdiv(batch, block_b) * max_slices < target:
         block_b //= 2
+    u_hat_bytes = batch * n_in * n_out * d_out * element_bytes
+    if triton.cdiv(batch, block_b) * max_slices < target and u_hat_bytes <= SMALL_SPLIT_BYTES:
+        max_slices = n_in
     block_b = _PLAN_OVERRIDES.get("block_b") or block_b
     num_warps = _warps(block_b, element_bytes)
     resident = 1 if num_warps == 8 else 2
@@ -262,6 +273,7 @@ def _partial_tiling(
 def _pairs_tiling(
     batch: int,
     n_in: int,
+    n_out: int,
     d_out: int,
     d_in: int,
     block_b: int,
@@ -272,7 +284,8 @@ def _pairs_tiling(
     """Tiling of the pairs kernel: no partial sums over the capsules, so they are split finely,
     about one program per SM; grad W is summed over ``chunks`` of the batch only when the
     capsules alone cannot fill the GPU, and its partial sums stay below the logits' size
-    (``chunks * Dout * Din <= B``)."""
+    (``chunks * Dout * Din <= B``) or, when that leaves the GPU under a wave, below
+    ``SMALL_SPLIT_BYTES``."""
     block_b = _PLAN_OVERRIDES.get("block_b") or block_b
     num_warps = _warps(block_b, element_bytes)
     target = max(1, target * (1 if num_warps == 8 else 2) // parent_chunks)
@@ -280,6 +293,10 @@ def _pairs_tiling(
     slices = triton.cdiv(n_in, per_slice)
     sample_blocks = triton.cdiv(batch, block_b)
     chunks = max(1, min(sample_blocks, target // slices, batch // max(d_out * d_in, 1)))
+    if slices * chunks < target:  # under a wave: more chunks while their grad W stays small
+        weight_bytes = n_in * n_out * d_out * d_in * element_bytes
+        affordable = max(1, SMALL_SPLIT_BYTES // max(weight_bytes, 1))
+        chunks = max(chunks, min(sample_blocks, target // slices, affordable))
     chunks = _PLAN_OVERRIDES.get("chunks") or chunks
     per_chunk = triton.cdiv(sample_blocks, chunks)
     return Tiling(block_b, num_warps, sample_blocks, per_slice, slices, per_chunk,
@@ -308,21 +325,26 @@ def routing_plan(
         jb = 0
         dp = max(triton.next_power_of_2(d_out), triton.cdiv(16, ja))
         parent_chunks = triton.cdiv(n_out, ja)
-    forward = _partial_tiling(batch, n_in, d_out, 64 if wide == 4 else 16, wide, target,
+    forward = _partial_tiling(batch, n_in, n_out, d_out, 64 if wide == 4 else 16, wide, target,
                               parent_chunks)  # fmt: skip
     # float64 forward: 4 warps (8 make ptxas spill around the float64 dot)
     forward = replace(forward, dot_dtype=element, num_warps=4 if wide == 8 else forward.num_warps)
     # half inputs: the backward partial kernel's u_hat in float32 (FMA) keeps its tensor-core
     # layouts out of registers, which otherwise spill
     backward = replace(
-        _partial_tiling(batch, n_in, d_out, 32 if wide == 4 else 16, wide, target, parent_chunks),
+        _partial_tiling(
+            batch, n_in, n_out, d_out, 32 if wide == 4 else 16, wide, target, parent_chunks
+        ),
         dot_dtype=tl.float64 if dtype == torch.float64 else tl.float32,
     )
     pairs = replace(
-        _pairs_tiling(batch, n_in, d_out, d_in, backward.block_b, wide, target, parent_chunks),
+        _pairs_tiling(
+            batch, n_in, n_out, d_out, d_in, backward.block_b, wide, target, parent_chunks
+        ),
         dot_dtype=element,
     )
-    stats = replace(_partial_tiling(batch, n_in, d_out, 32 if wide == 4 else 16, wide, target),
+    stats = replace(_partial_tiling(batch, n_in, n_out, d_out, 32 if wide == 4 else 16, wide,
+                                    target),
                     dot_dtype=backward.dot_dtype)  # fmt: skip
     tilings = {}
     for name, tiling in (("forward", forward), ("backward", backward), ("pairs", pairs),

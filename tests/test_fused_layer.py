@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fastcaps
 from conftest import Shape, make_layer_inputs
-from fastcaps import reference
+from fastcaps import reference, triton_launch
 from fastcaps.triton_launch import override_routing_plan
 
 CUDA = torch.cuda.is_available()
@@ -58,7 +58,10 @@ def largest_allocation(backend: str, u, weight, bias) -> int:
 
 @pytest.mark.skipif(CUDA, reason="counts CPU allocations; on CUDA see the peak-memory test")
 @pytest.mark.parametrize("stored", [False, True], ids=["recompute", "stored-coefficients"])
-def test_fused_layer_never_allocates_u_hat(stored):
+def test_fused_layer_never_allocates_u_hat(stored, monkeypatch):
+    # the guarantee holds for layers whose u_hat exceeds SMALL_SPLIT_BYTES (smaller ones may
+    # split into more partial sums to fill a GPU); this small layer is held to it as well
+    monkeypatch.setattr(triton_launch, "SMALL_SPLIT_BYTES", 0)
     u, weight, bias = make_layer_inputs(SHAPE, torch.float32, "cpu", bias=True)
     logits_size = SHAPE.B * SHAPE.Nin * SHAPE.Nout
     u_hat_size = logits_size * SHAPE.Dout
