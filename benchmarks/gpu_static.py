@@ -63,6 +63,8 @@ CHECK_LAYERS = [mnist(32), mnist(128), Layer("cifar", 128, 2048, 10),
                 Layer("classes100", 32, 1152, 100)]  # fmt: skip
 OPS = ("capsule_routing", "dynamic_routing", "predictions", "squash", "exp_squash",
        "attention_routing", "capsule_attention_routing")  # fmt: skip
+# fastcaps.backend.ATTENTION_ROUTING_OPS, spelled out so that this module imports torch lazily
+# (tests/test_gpu_static.py checks the two agree)
 ATTENTION_ROUTING_OPS = ("attention_routing", "capsule_attention_routing")
 # Efficient-CapsNet's routing layer (16 primary capsules of 8D -> 10 x 16D; R unused)
 EFFICIENT = Layer("efficient", 128, 16, 10)

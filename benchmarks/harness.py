@@ -31,11 +31,10 @@ import torch
 import fastcaps
 from benchmarks import naive
 from fastcaps import reference
-from fastcaps.backend import triton_available, triton_interpreter_enabled
+from fastcaps.backend import ATTENTION_OPS, triton_available, triton_interpreter_enabled
 
 OPS = ("squash", "predictions", "dynamic_routing", "capsule_routing", "exp_squash",
        "attention_routing", "capsule_attention_routing")  # fmt: skip
-ATTENTION_OPS = ("exp_squash", "attention_routing", "capsule_attention_routing")
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,9 @@ def implementation(op: str, backend: str | None, device_tensor: Tensor) -> Calla
     return torch_op
 
 
-ATTENTION_OPS = ("exp_squash", "attention_routing", "capsule_attention_routing")
+ATTENTION_ROUTING_OPS = ("attention_routing", "capsule_attention_routing")
+# the self-attention family (Efficient-CapsNet): its torch backend is fastcaps.torch_attention
+ATTENTION_OPS = ("exp_squash", *ATTENTION_ROUTING_OPS)
 
 
 def _torch_op(op: str) -> Callable:

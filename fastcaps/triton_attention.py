@@ -54,6 +54,10 @@ def _prior_grad_or_empty(grad_prior: Tensor | None, like: Tensor) -> Tensor:
     return grad_prior if grad_prior is not None else like.new_empty(0)
 
 
+def _prior_grad_fake(prior: Tensor | None, like: Tensor) -> Tensor:
+    return _prior_grad_or_empty(torch.empty_like(prior) if prior is not None else None, like)
+
+
 # ----------------------------------------------------------------------------------------------
 # attention_routing: on a stored u_hat
 # ----------------------------------------------------------------------------------------------
@@ -89,8 +93,7 @@ def attention_routing_backward_op(
 
 @attention_routing_backward_op.register_fake
 def _(u_hat, prior, s_all, V_all, grad_v, need_u_hat):
-    grad_prior = torch.empty_like(prior) if prior is not None else u_hat.new_empty(0)
-    return u_hat.new_empty(u_hat.shape if need_u_hat else (0,)), grad_prior
+    return u_hat.new_empty(u_hat.shape if need_u_hat else (0,)), _prior_grad_fake(prior, u_hat)
 
 
 def _setup_attention_routing(ctx, inputs: tuple, output: tuple) -> None:
@@ -156,8 +159,7 @@ def capsule_attention_routing_backward_op(
 
 @capsule_attention_routing_backward_op.register_fake
 def _(u, weight, prior, s_all, V_all, grad_v):
-    grad_prior = torch.empty_like(prior) if prior is not None else u.new_empty(0)
-    return u.new_empty(u.shape), weight.new_empty(weight.shape), grad_prior
+    return u.new_empty(u.shape), weight.new_empty(weight.shape), _prior_grad_fake(prior, u)
 
 
 def _setup_capsule_attention_routing(ctx, inputs: tuple, output: tuple) -> None:

@@ -213,6 +213,18 @@ def _prior_row(prior_ptr, capsule, parent, n_out, stride_p_i, stride_p_j,
 
 
 @triton.jit
+def _add_prior(c_a, c_b, prior_ptr, capsule, parent_a, parent_b, n_out, stride_p_i, stride_p_j,
+               HAS_B: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):  # fmt: skip
+    """Coefficients plus the prior (self-attention routing): c_a [..., JA] of the parents
+    parent_a, and with HAS_B c_b [..., JBG] of parent_b; c_b unchanged without HAS_B."""
+    c_a += _prior_row(prior_ptr, capsule, parent_a, n_out, stride_p_i, stride_p_j, COMPUTE_DTYPE)
+    if HAS_B:
+        c_b += _prior_row(prior_ptr, capsule, parent_b, n_out, stride_p_i, stride_p_j,
+                          COMPUTE_DTYPE)  # fmt: skip
+    return c_a, c_b
+
+
+@triton.jit
 def _over_sqrt(x, d_out):
     """x / sqrt(Dout), correctly rounded (self-attention routing's scale)."""
     return div_rn(x, sqrt_rn(tl.zeros_like(x) + d_out))
@@ -323,8 +335,9 @@ def routing_forward_partial_kernel(
             c_a = _chunk_coefficients(tile_a, V_a, parents_a, stats_ptr, b * n_in + capsule,
                                       b_mask, BLOCK_B, JA, DP)  # fmt: skip
             if HAS_PRIOR:
-                c_a += _prior_row(prior_ptr, capsule, j0 + tl.arange(0, JA), n_out, stride_p_i,
-                                  stride_p_j, COMPUTE_DTYPE)[None, :]  # fmt: skip
+                c_a, _ = _add_prior(c_a, c_a, prior_ptr, capsule, j0 + tl.arange(0, JA),
+                                    None, n_out, stride_p_i, stride_p_j, False,
+                                    COMPUTE_DTYPE)  # fmt: skip
             sum_a += _spread(c_a, BLOCK_B, JA, DP) * tile_a
         else:
             c_a, c_b = _softmax_parents(
@@ -333,11 +346,9 @@ def routing_forward_partial_kernel(
                 HAS_B,
             )
             if HAS_PRIOR:
-                c_a += _prior_row(prior_ptr, capsule, j0 + tl.arange(0, JA), n_out, stride_p_i,
-                                  stride_p_j, COMPUTE_DTYPE)[None, :]  # fmt: skip
-                if HAS_B:
-                    c_b += _prior_row(prior_ptr, capsule, JA + tl.arange(0, JBG), n_out,
-                                      stride_p_i, stride_p_j, COMPUTE_DTYPE)[None, :]  # fmt: skip
+                c_a, c_b = _add_prior(c_a, c_b, prior_ptr, capsule, j0 + tl.arange(0, JA),
+                                      JA + tl.arange(0, JBG), n_out, stride_p_i, stride_p_j,
+                                      HAS_B, COMPUTE_DTYPE)  # fmt: skip
             sum_a += _spread(c_a, BLOCK_B, JA, DP) * tile_a
             if HAS_B:
                 sum_b += _spread(c_b, BLOCK_B, JB, DP) * tile_b
@@ -743,11 +754,8 @@ def routing_backward_partial_kernel(
         if HAS_B:
             sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
         if HAS_PRIOR and STORE_COEFFICIENTS:  # the pairs kernel's c is softmax + prior
-            c_a += _prior_row(prior_ptr, capsule, parent_a, n_out, stride_p_i, stride_p_j,
-                              COMPUTE_DTYPE)[None, :]  # fmt: skip
-            if HAS_B:
-                c_b += _prior_row(prior_ptr, capsule, parent_b, n_out, stride_p_i, stride_p_j,
-                                  COMPUTE_DTYPE)[None, :]  # fmt: skip
+            c_a, c_b = _add_prior(c_a, c_b, prior_ptr, capsule, parent_a, parent_b, n_out,
+                                  stride_p_i, stride_p_j, HAS_B, COMPUTE_DTYPE)  # fmt: skip
         if STORE_COEFFICIENTS:
             coef_at = coef_offsets + capsule * n_out
             tl.store(coef_ptr + coef_at + parent_a[None, :], c_a, mask=coef_mask_a)
@@ -1043,11 +1051,9 @@ def routing_backward_pairs_kernel(
                 prior_a = tl.zeros((JA,), dtype=COMPUTE_DTYPE)
                 prior_b = tl.zeros((JBG,), dtype=COMPUTE_DTYPE)
                 if HAS_PRIOR:
-                    prior_a = _prior_row(prior_ptr, capsule, parent_a, n_out, stride_p_i,
-                                         stride_p_j, COMPUTE_DTYPE)  # fmt: skip
-                    if HAS_B:
-                        prior_b = _prior_row(prior_ptr, capsule, parent_b, n_out, stride_p_i,
-                                             stride_p_j, COMPUTE_DTYPE)  # fmt: skip
+                    prior_a, prior_b = _add_prior(prior_a, prior_b, prior_ptr, capsule, parent_a,
+                                                  parent_b, n_out, stride_p_i, stride_p_j, HAS_B,
+                                                  COMPUTE_DTYPE)  # fmt: skip
                 tile_a, W_a = _u_hat_group(U, capsule_u_hat, uh_a, mask_a, capsule_w, w_a,
                                            w_mask_a, FROM_WEIGHT, PRECISION, DOT_DTYPE,
                                            COMPUTE_DTYPE)  # fmt: skip

@@ -47,8 +47,12 @@ def test_every_launched_variant_compiles_for_sm90_without_spills(tmp_path):
 
     rows = [r for s in data["scenarios"] if not spill_tolerated(s) for r in s["launches"]]
     assert rows and not any(r["spills"] for r in rows)
+    from benchmarks.gpu_static import ATTENTION_ROUTING_OPS
+    from fastcaps.backend import ATTENTION_ROUTING_OPS as BACKEND_ATTENTION_ROUTING_OPS
+
+    assert ATTENTION_ROUTING_OPS == BACKEND_ATTENTION_ROUTING_OPS
     attention = {(s["op"], s["dtype"]) for s in data["scenarios"] if "attention" in s["op"]}
-    for op in ("attention_routing", "capsule_attention_routing"):
+    for op in ATTENTION_ROUTING_OPS:
         for dtype in ("float32", "bfloat16", "float16", "float64"):
             assert (op, dtype) in attention, (op, dtype)
     timed = [r for s in data["scenarios"] if s["dtype"] != "float64" for r in s["launches"]]
