@@ -8,11 +8,14 @@ machine hits them all alike.
     # the whole CapsNet training step (images/s), float32 and --amp bf16, this checkout against
     # another one (e.g. a worktree of the previous commit)
     python -m benchmarks.cpu_alternating train-step --baseline-from /tmp/fastcaps-old
+    # squash, exp_squash and self-attention routing forward + backward: torch backend against
+    # the reference, in this checkout and optionally another one
+    python -m benchmarks.cpu_alternating ops --baseline-from /tmp/fastcaps-old
 
-``routing`` interleaves its candidates call by call in one process (``--reps`` calls each);
-``train-step`` runs each candidate in its own subprocess per round (so a checkout's code is
-imported cleanly), alternating the order. Medians are printed as a markdown table and written as
-JSON (``--json``).
+``routing`` and ``ops`` interleave their candidates call by call in one process (``--reps``
+calls each); ``ops`` and ``train-step`` run each checkout in its own subprocess per round (so
+its code is imported cleanly), alternating the order. Medians are printed as a markdown table
+and written as JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,46 @@ def _routing_worker(args: argparse.Namespace) -> dict:
             if rep >= 2:
                 times[name].append(time.perf_counter() - started)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+# (name, op, shape of the input): squash and exp_squash on [B, Nin, D]; the attention layers on
+# u [B, Nin, 8] with a weight [Nin, 10, 16, 8] and a prior [Nin, 10]
+OP_CASES = [
+    ("squash MNIST primary B=128", "squash", (128, 1152, 8)),
+    ("exp_squash MNIST primary B=32", "exp_squash", (32, 1152, 8)),
+    ("capsule_attention_routing Efficient B=16", "capsule_attention_routing", (16, 16, 8)),
+    ("capsule_attention_routing Efficient B=128", "capsule_attention_routing", (128, 16, 8)),
+    ("capsule_attention_routing MNIST B=8", "capsule_attention_routing", (8, 1152, 8)),
+]
+
+
+def _ops_worker(args: argparse.Namespace) -> dict:
+    """Median ms of forward + backward, torch backend and reference interleaved call by call."""
+    import torch
+
+    from fastcaps import reference
+    from fastcaps.backend import _torch_op
+
+    torch.manual_seed(0)
+    out = {}
+    for name, op, shape in OP_CASES:
+        inputs = [torch.randn(shape)]
+        if op == "capsule_attention_routing":
+            n_in = shape[1]
+            inputs += [0.1 * torch.randn(n_in, 10, 16, 8), 0.1 * torch.randn(n_in, 10)]
+        inputs = [t.requires_grad_() for t in inputs]
+        calls = {"reference": getattr(reference, op), "torch": _torch_op(op)}
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for rep in range(args.reps + 2):  # the first two are warm-up
+            for key, fn in calls.items():
+                started = time.perf_counter()
+                fn(*inputs).sum().backward()
+                if rep >= 2:
+                    times[key].append(time.perf_counter() - started)
+                for t in inputs:
+                    t.grad = None
+        out[name] = {k: 1000 * statistics.median(t) for k, t in times.items()}
+    return out
 
 
 def _peak_rss_worker(args: argparse.Namespace) -> dict:
@@ -160,12 +203,12 @@ def _alternate(candidates: list[tuple[str, Path, list[str]]], rounds: int, key: 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["routing", "peak-rss", "train-step"])
+    p.add_argument("what", choices=["routing", "peak-rss", "train-step", "ops"])
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--budgets-mib", type=int, nargs="*", default=[2, 4, 8, 16, 32])
     p.add_argument(
         "--baseline-from", type=Path, default=None,
-        help="train-step: a checkout to compare with (e.g. a worktree of main~1)",
+        help="train-step, ops: a checkout to compare with (e.g. a worktree of main~1)",
     )  # fmt: skip
     p.add_argument("--amps", nargs="+", choices=["off", "bf16"], default=["off", "bf16"],
                    help="train-step: autocast modes to time")  # fmt: skip
@@ -180,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker = {
             "routing": _routing_worker, "peak-rss": _peak_rss_worker,
-            "train-step": _train_step_worker,
+            "train-step": _train_step_worker, "ops": _ops_worker,
         }[args.what]  # fmt: skip
         print(json.dumps(worker(args)))
         return
@@ -211,6 +254,26 @@ def main(argv: list[str] | None = None) -> None:
         for batch, row in results.items():
             print(f"| {batch} | " + " | ".join(f"{row[n]['MiB']:.1f}" for n in names) + " |")
         print("(MiB of peak-RSS growth over one capsule_routing forward + backward, MNIST layer)")
+    elif args.what == "ops":
+        sources = [("this checkout", REPO)]
+        if args.baseline_from is not None:
+            sources.insert(0, ("baseline", args.baseline_from.resolve()))
+        runs: dict[str, list[dict]] = {label: [] for label, _ in sources}
+        for round_index in range(args.rounds):
+            for label, source in sources if round_index % 2 == 0 else sources[::-1]:
+                runs[label].append(_run_worker(source, ["ops", "--reps", str(args.reps)]))
+                print(f"  round {round_index + 1}: {label} done", file=sys.stderr)
+        print("| case | checkout | reference ms | torch ms | torch vs reference |")
+        print("|---|---|---|---|---|")
+        for case, _, _ in OP_CASES:
+            for label, _ in sources:
+                row = {k: statistics.median(r[case][k] for r in runs[label])
+                       for k in ("reference", "torch")}  # fmt: skip
+                per_round = [r[case] for r in runs[label]]
+                results.setdefault(case, {})[label] = {**row, "runs": per_round}
+                print(f"| {case} | {label} | {row['reference']:.2f} | {row['torch']:.2f} | "
+                      f"{row['reference'] / row['torch']:.2f}x |")  # fmt: skip
+        print("(median over rounds of each round's median ms, forward + backward, float32)")
     else:
         sources = [("this checkout", REPO)]
         if args.baseline_from is not None:

@@ -10,7 +10,7 @@ Forward: ``T = sum_i u_i``, ``a = u . T / sqrt(D)``, ``c = softmax_j(a) + prior`
 ``gc_i = u_i . gs``, ``ga = p (gc - sum_j p gc)`` (p the softmax), and
 ``gu_i = c_i gs + (ga_i T + sum_k ga_k u_k) / sqrt(D)`` (the last term because T depends on
 every child). Nothing of size B x Nin x Nin exists, and the capsule layer does not even keep
-u_hat: it saves u, weight and [B, Nin, Nout] + [B, Nout, D] of state and recomputes u_hat.
+u_hat: it saves u, weight and [Nin, B, Nout] + [B, Nout, D] of state and recomputes u_hat.
 Math in float32 for half inputs, as everywhere in fastcaps.
 """
 
@@ -23,36 +23,44 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from fastcaps import reference
-from fastcaps.torch_backend import compute_dtype, directions, graph_grads, tangential_radial
+from fastcaps.torch_backend import (
+    Radial,
+    child_major_predictions,
+    compute_dtype,
+    graph_grads,
+    plain_square_norm,
+    scaled_polar,
+    tangential_radial,
+)
 
 # ----------------------------------------------------------------------------------------------
 # exp_squash along the last dim
 # ----------------------------------------------------------------------------------------------
 
 
-def exp_squash_factors(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """exp_squash's pieces per vector of the last dim, for any finite s: u = s / |s| (0 for a
-    zero vector), g = 1 - exp(-|s|) (the output length), f = g / |s| (1 at s = 0) and
-    g' = exp(-|s|); the last three [..., 1]. The norm is taken of s scaled by its largest
-    entry, so it neither overflows nor underflows; |s| itself may round to inf (then g = 1,
-    f = 0)."""
-    m, t_norm, u = directions(s)
-    r = m * t_norm
+def exp_squash_factors(s: Tensor) -> Radial:
+    """exp_squash's pieces per vector of the last dim, for any finite s: with r = |s|,
+    g = 1 - exp(-r) (the output length), f = g / r (1 at s = 0) and g' = exp(-r). r from the
+    plain sum of squares where that is exact (``plain_square_norm``), else from the scaled norm
+    (it may round to inf: then g = 1, f = 0)."""
+    n = plain_square_norm(s)
+    if n is not None:
+        r = n.sqrt()
+        f = -torch.expm1(-r) / r
+        return Radial(s, n, f, f, torch.exp(-r))
+    u, r, _ = scaled_polar(s, inverse=False)
     g = -torch.expm1(-r)
     f = torch.where(r > 0, g / torch.where(r > 0, r, 1.0), 1.0)
-    return u, g, f, torch.exp(-r)
+    return Radial(u, 1.0, g, f, torch.exp(-r))
 
 
 def exp_squash_forward(s: Tensor) -> Tensor:
-    u, g, _, _ = exp_squash_factors(s)
-    return g * u
+    return exp_squash_factors(s).value()
 
 
 def exp_squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
-    """``f (gv - (u . gv) u) + g' (u . gv) u``: the tangential and radial parts (the identity
-    at s = 0)."""
-    u, _, f, dg = exp_squash_factors(s)
-    return tangential_radial(u, f, dg, grad_v)
+    """``f (gv - (u . gv) u) + g' (u . gv) u`` (``tangential_radial``): the identity at s = 0."""
+    return tangential_radial(exp_squash_factors(s), grad_v)
 
 
 class ExpSquashFunction(torch.autograd.Function):
@@ -80,39 +88,54 @@ def exp_squash(s: Tensor, dim: int = -1) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _dot_over_d(x: Tensor, y: Tensor) -> Tensor:
+    """[Nin, B, Nout, D] . [B, Nout, D] -> [Nin, B, Nout]. On a CPU a multiply and a sum (a
+    batched matmul over B Nout pairs of [Nin, D] x [D] is slower there); elsewhere the batched
+    matmul, which reads x once."""
+    if x.device.type == "cpu":
+        return (x * y).sum(dim=-1)
+    return torch.einsum("ibjd,bjd->ibj", x, y)
+
+
+def _sum_over_children(c: Tensor, x: Tensor) -> Tensor:
+    """sum_i c[i] x[i]: [Nin, B, Nout] x [Nin, B, Nout, D] -> [B, Nout, D] (as ``_dot_over_d``)."""
+    if x.device.type == "cpu":
+        return (c.unsqueeze(-1) * x).sum(dim=0)
+    return torch.einsum("ibj,ibjd->bjd", c, x)
+
+
 def attention_forward(x: Tensor, prior: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x: u_hat [B, Nin, Nout, D] in the compute dtype. Returns v [B, Nout, D] and, for the
-    backward, the totals T [B, Nout, D], the softmax p [B, Nin, Nout] and s [B, Nout, D]."""
-    scale = 1.0 / math.sqrt(x.shape[-1])
-    totals = x.sum(dim=1)
-    agreement = torch.einsum("bijd,bjd->bij", x, totals) * scale
-    p = torch.softmax(agreement, dim=2)
-    c = p if prior is None else p + prior
-    s = torch.einsum("bij,bijd->bjd", c, x)
+    """x: u_hat child-major, [Nin, B, Nout, D] (any strides), in the compute dtype. Returns v
+    [B, Nout, D] and, for the backward, the scaled totals T / sqrt(D) [B, Nout, D], the softmax
+    p [Nin, B, Nout] and s [B, Nout, D]. Child-major, a sum over the children is a sum over the
+    outer dim."""
+    totals = x.sum(dim=0) * (1.0 / math.sqrt(x.shape[-1]))
+    p = torch.softmax(_dot_over_d(x, totals), dim=-1)
+    c = p if prior is None else p + prior.unsqueeze(1)
+    s = _sum_over_children(c, x)
     return exp_squash_forward(s), totals, p, s
 
 
 def attention_backward(
     x: Tensor, prior: Tensor | None, totals: Tensor, p: Tensor, s: Tensor, grad_v: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of ``attention_forward``'s v: grad u_hat [B, Nin, Nout, D] and the gradient of
-    the coupling c [B, Nin, Nout] (its batch sum is the prior's gradient)."""
-    scale = 1.0 / math.sqrt(x.shape[-1])
+    """Gradients of ``attention_forward``'s v: grad x [Nin, B, Nout, D] and the
+    gradient of the coupling c [Nin, B, Nout] (its batch sum is the prior's gradient)."""
     grad_s = exp_squash_backward(s, grad_v)
-    grad_c = torch.einsum("bijd,bjd->bij", x, grad_s)
-    grad_a = p * (grad_c - (p * grad_c).sum(dim=2, keepdim=True)) * scale
-    through_totals = torch.einsum("bij,bijd->bjd", grad_a, x)  # sum_k ga_k u_k
-    c = p if prior is None else p + prior
-    grad_x = c.unsqueeze(-1) * grad_s.unsqueeze(1)
-    grad_x.addcmul_(grad_a.unsqueeze(-1), totals.unsqueeze(1))
-    grad_x.add_(through_totals.unsqueeze(1))
+    grad_c = _dot_over_d(x, grad_s)
+    grad_a = p * (grad_c - (p * grad_c).sum(dim=-1, keepdim=True))
+    c = p if prior is None else p + prior.unsqueeze(1)
+    grad_x = c.unsqueeze(-1) * grad_s
+    grad_x.addcmul_(grad_a.unsqueeze(-1), totals)  # totals are scaled by 1 / sqrt(D) already
+    grad_a = grad_a * (1.0 / math.sqrt(x.shape[-1]))
+    grad_x += _sum_over_children(grad_a, x)  # sum_k ga_k u_k / sqrt(D), through T
     return grad_x, grad_c
 
 
 def _prior_grad(ctx: FunctionCtx, grad_c: Tensor, index: int, prior: Tensor | None):
     if prior is None or not ctx.needs_input_grad[index]:
         return None
-    return grad_c.sum(dim=0).to(prior.dtype)
+    return grad_c.sum(dim=1).to(prior.dtype)
 
 
 class AttentionRoutingFunction(torch.autograd.Function):
@@ -122,7 +145,7 @@ class AttentionRoutingFunction(torch.autograd.Function):
     def forward(ctx: FunctionCtx, u_hat: Tensor, prior: Tensor | None) -> Tensor:
         dtype = compute_dtype(u_hat.dtype)
         prior_c = None if prior is None else prior.to(dtype)
-        v, totals, p, s = attention_forward(u_hat.to(dtype), prior_c)
+        v, totals, p, s = attention_forward(u_hat.to(dtype).transpose(0, 1), prior_c)
         ctx.save_for_backward(u_hat, prior, totals, p, s)
         return v.to(u_hat.dtype)
 
@@ -135,9 +158,9 @@ class AttentionRoutingFunction(torch.autograd.Function):
         dtype = s.dtype
         prior_c = None if prior is None else prior.to(dtype)
         grad_x, grad_c = attention_backward(
-            u_hat.to(dtype), prior_c, totals, p, s, grad_v.to(dtype)
+            u_hat.to(dtype).transpose(0, 1), prior_c, totals, p, s, grad_v.to(dtype)
         )
-        grad_u_hat = grad_x.to(u_hat.dtype) if ctx.needs_input_grad[0] else None
+        grad_u_hat = grad_x.transpose(0, 1).to(u_hat.dtype) if ctx.needs_input_grad[0] else None
         return grad_u_hat, _prior_grad(ctx, grad_c, 1, prior)
 
 
@@ -149,7 +172,7 @@ class CapsuleAttentionRoutingFunction(torch.autograd.Function):
     def forward(ctx: FunctionCtx, u: Tensor, weight: Tensor, prior: Tensor | None) -> Tensor:
         dtype = compute_dtype(u.dtype)
         prior_c = None if prior is None else prior.to(dtype)
-        x = torch.einsum("ijdk,bik->bijd", weight.to(dtype), u.to(dtype))
+        x = child_major_predictions(u.to(dtype), weight.to(dtype))
         v, totals, p, s = attention_forward(x, prior_c)
         ctx.save_for_backward(u, weight, prior, totals, p, s)
         return v.to(u.dtype)
@@ -163,14 +186,18 @@ class CapsuleAttentionRoutingFunction(torch.autograd.Function):
         dtype = s.dtype
         u_c, weight_c = u.to(dtype), weight.to(dtype)
         prior_c = None if prior is None else prior.to(dtype)
-        x = torch.einsum("ijdk,bik->bijd", weight_c, u_c)
+        x = child_major_predictions(u_c, weight_c)
         grad_x, grad_c = attention_backward(x, prior_c, totals, p, s, grad_v.to(dtype))
         del x
+        n_in, n_out, d_out, d_in = weight.shape
+        grad_x = grad_x.reshape(n_in, u.shape[0], n_out * d_out)
         grad_u = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_u = torch.einsum("bijd,ijdk->bik", grad_x, weight_c).to(u.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.einsum("bijd,bik->ijdk", grad_x, u_c).to(weight.dtype)
+        if ctx.needs_input_grad[0]:  # [Nin, B, Nout Dout] @ [Nin, Nout Dout, Din]
+            w = weight_c.reshape(n_in, n_out * d_out, d_in)
+            grad_u = torch.bmm(grad_x, w).transpose(0, 1).to(u.dtype)
+        if ctx.needs_input_grad[1]:  # [Nin, Nout Dout, B] @ [Nin, B, Din]
+            grad_weight = torch.bmm(grad_x.transpose(1, 2), u_c.transpose(0, 1))
+            grad_weight = grad_weight.view(n_in, n_out, d_out, d_in).to(weight.dtype)
         return grad_u, grad_weight, _prior_grad(ctx, grad_c, 2, prior)
 
 

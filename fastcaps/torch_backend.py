@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -146,54 +147,106 @@ def directions(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return m, t_norm, t / torch.where(positive, t_norm, 1.0)
 
 
-def squash_factors(
-    s: Tensor, eps: float, slope: bool = True
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """squash's pieces per vector of the last dim, for any finite s without overflow.
+def plain_square_norm(s: Tensor) -> Tensor | None:
+    """|s|^2 per vector of the last dim ([..., 1]) from the plain sum of squares when that is
+    exact for every vector, else None: off CUDA and outside torch.compile only (the check reads
+    two numbers back), and only when no square overflows and the squares that underflow weigh
+    less than the dtype's epsilon (D tiny / eps < |s|^2 < max / 4). Then the plain formulas
+    need no scaling and no direction vector: two passes over s fewer, and fewer small ops."""
+    if s.device.type != "cpu" or s.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    info = torch.finfo(s.dtype)
+    n = (s * s).sum(dim=-1, keepdim=True)
+    smallest, largest = torch.aminmax(n)
+    if smallest.item() > s.shape[-1] * info.tiny / info.eps and largest.item() < info.max / 4:
+        return n
+    return None
 
-    With r = |s| and u = s / r (0 for a zero vector): squash(s) = g(r) u, where
-    ``g(r) = r^3 / ((1 + r^2) sqrt(r^2 + eps))`` is the output length. Written as
-    ``g = b / (1 + 1/r^2)`` and ``f = g / r = a b`` with ``a = 1 / (r + 1/r)`` and
-    ``b = r / sqrt(r^2 + eps) = 1 / hypot(1, sqrt(eps) / r)``, and the slope as
-    ``g' = dg/dr = f (2 / (1 + r^2) + eps / (r^2 + eps)) = f (2 a / r + (b sqrt(eps) / r)^2)``
-    (d log g / dr = 3/r - 2r/(1 + r^2) - r/(r^2 + eps)), every factor is a sum or product of
-    positive terms, 1/r is clamped to the dtype's max and r may overflow to inf, so nothing
-    cancels and nothing becomes NaN. The norm is taken of s scaled by its largest entry.
-    Returns (u, g, f, g'), the last three [..., 1]; f and g' are None unless ``slope``.
-    """
-    huge = torch.finfo(s.dtype).max
+
+def scaled_polar(s: Tensor, inverse: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(u, r, 1/r) per vector of the last dim without overflow or underflow: u = s / |s| (0 for
+    a zero vector), r = |s| (it may round to inf) and, with ``inverse``, 1/r clamped to the
+    dtype's max (else None); the last two [..., 1]."""
     m, t_norm, u = directions(s)
+    if not inverse:
+        return u, m * t_norm, None
+    huge = torch.finfo(s.dtype).max
     inv_r = torch.clamp(torch.where(m > 0, m, 1.0).reciprocal() / t_norm, max=huge)
+    return u, m * t_norm, inv_r
+
+
+class Radial(NamedTuple):
+    """A function of the norm applied along each vector, v = g(|s|) s / |s| (squash,
+    exp_squash), as v = scale x with x along s: x = s (scale = f = g / |s|, x_norm2 = |s|^2) or
+    x = s / |s| (scale = g, x_norm2 = 1). f and g' = dg / d|s| give its vector-Jacobian
+    product (``tangential_radial``). All but x are [..., 1]; x_norm2 may be the number 1."""
+
+    x: Tensor
+    x_norm2: Tensor | float
+    scale: Tensor
+    f: Tensor | None = None
+    dg: Tensor | None = None
+
+    def value(self) -> Tensor:
+        return self.scale * self.x
+
+    def at(self, index: int) -> Radial:
+        """The factors of ``x[index]`` (indexing the first dim of every tensor)."""
+        return Radial(*(t[index] if isinstance(t, Tensor) else t for t in self))
+
+
+def squash_factors(s: Tensor, eps: float, slope: bool = True) -> Radial:
+    """squash's pieces per vector of the last dim, for any finite s without overflow; f and g'
+    are None unless ``slope``.
+
+    With n = |s|^2 in range (``plain_square_norm``): ``f = (n / (1 + n)) / sqrt(n + eps)`` and
+    ``g' = f (2 / (1 + n) + eps / (n + eps))``, products and sums of positive terms. Otherwise,
+    with r = |s| from the scaled norm: ``g = b / (1 + 1/r^2)``, ``f = g / r = a b`` with
+    ``a = 1 / (r + 1/r)`` and ``b = r / sqrt(r^2 + eps) = 1 / hypot(1, sqrt(eps) / r)``, and
+    ``g' = f (2 a / r + (b sqrt(eps) / r)^2)`` (d log g / dr = 3/r - 2r/(1 + r^2) -
+    r/(r^2 + eps)): 1/r is clamped to the dtype's max and r may overflow to inf, so nothing
+    cancels and nothing becomes NaN.
+    """
+    n = plain_square_norm(s)
+    if n is not None:
+        n_eps, one_n = n + eps, 1 + n
+        f = (n / one_n) / n_eps.sqrt()  # (1 + n) sqrt(n) would overflow from |s| ~ 7e12
+        if not slope:
+            return Radial(s, n, f)
+        return Radial(s, n, f, f, f * (2 / one_n + eps / n_eps))
+    huge = torch.finfo(s.dtype).max
+    u, r, inv_r = scaled_polar(s)
     w = torch.clamp(inv_r * math.sqrt(eps), max=huge)  # sqrt(eps) / r
     b = torch.hypot(w, torch.ones_like(w)).reciprocal()
     g = b / (1 + inv_r * inv_r)
     if not slope:
-        return u, g, None, None
-    a = (m * t_norm + inv_r).reciprocal()
+        return Radial(u, 1.0, g)
+    a = (r + inv_r).reciprocal()
     f = a * b
-    return u, g, f, f * (2 * a * inv_r + (w * b).square())
+    return Radial(u, 1.0, g, f, f * (2 * a * inv_r + (w * b).square()))
 
 
 def squash_forward(s: Tensor, eps: float) -> Tensor:
     """v = s * n / ((1 + n) * sqrt(n + eps)), n = |s|^2 over the last dim, as ``g(|s|) s / |s|``
     (``squash_factors``): exact to the dtype's precision for every finite s."""
-    u, g, _, _ = squash_factors(s, eps, slope=False)
-    return g * u
+    return squash_factors(s, eps, slope=False).value()
 
 
 def squash_backward(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
-    """Gradient of ``squash_forward`` w.r.t. s, as a tangential and a radial part, each from a
-    well-conditioned formula: ``f (gv - (u . gv) u) + g'(|s|) (u . gv) u`` with u = s / |s| (the
-    plain ``f gv + 2 f'(n) (s . gv) s`` cancels catastrophically for |s| >> 1). 0 at s = 0."""
-    u, _, f, dg = squash_factors(s, eps)
-    return tangential_radial(u, f, dg, grad_v)
+    """Gradient of ``squash_forward`` w.r.t. s (``tangential_radial``). 0 at s = 0."""
+    return tangential_radial(squash_factors(s, eps), grad_v)
 
 
-def tangential_radial(u: Tensor, f: Tensor, dg: Tensor, grad_v: Tensor) -> Tensor:
-    """grad s of v = g(|s|) u: ``f (gv - (u . gv) u) + g' (u . gv) u`` (f = g / |s|,
-    g' = dg / d|s|, [..., 1] each)."""
-    radial = (u * grad_v).sum(dim=-1, keepdim=True)
-    return f * (grad_v - radial * u) + dg * radial * u
+def tangential_radial(factors: Radial, grad_v: Tensor) -> Tensor:
+    """grad s of v = g(|s|) u, u = s / |s|: ``f (gv - (u . gv) u) + g' (u . gv) u``, the
+    tangential and the radial part, summed as ``f gv + (g' - f) (u . gv) u`` in two passes over
+    gv ((u . gv) u = (x . gv) x / |x|^2). Each part is exact relative to |J| |gv| (|J| = max(f,
+    |g'|)): the plain ``f gv + 2 f'(n) (s . gv) s`` with n = |s|^2 overflows for large |s|."""
+    x, x_norm2, _, f, dg = factors
+    along = (dg - f) * (x * grad_v).sum(dim=-1, keepdim=True)
+    if isinstance(x_norm2, Tensor):
+        along = along / x_norm2
+    return torch.addcmul(f * grad_v, along, x)
 
 
 class SquashFunction(torch.autograd.Function):
@@ -322,8 +375,8 @@ def route_backward(
     """
     iterations, batch, n_out, d_out = s_all.shape
     n_pairs, n_in, _ = pairs.shape
-    u_all, g_all, f_all, dg_all = squash_factors(s_all, eps)  # every iteration at once
-    v_all = g_all * u_all
+    factors = squash_factors(s_all, eps)  # every iteration at once
+    v_all = factors.value()
     V = torch.cumsum(v_all, dim=0) - v_all  # V[r] = v_0 + ... + v_(r-1)
     steps = [iterations - 1] if detach_logits else list(range(iterations - 1, -1, -1))
     coefficients = _coefficients(pairs, V, steps)
@@ -334,7 +387,7 @@ def route_backward(
     grad_s_total = torch.zeros_like(grad_v)
     for k, r in enumerate(steps):
         grad_out = grad_later + grad_v if r == iterations - 1 else grad_later
-        grad_s = tangential_radial(u_all[r], f_all[r], dg_all[r], grad_out)
+        grad_s = tangential_radial(factors.at(r), grad_out)
         grad_s_total += grad_s
         c = coefficients[:, :, k]
         coef_columns.append(c)

@@ -277,8 +277,9 @@ def test_capsule_attention_routing_saves_nothing_of_u_hat_size():
         (u, weight, prior),
     )
     state = sorted(tuple(t.shape) for t in saved)
-    # totals and s [B, Nout, Dout], the softmax [B, Nin, Nout]: nothing with Nin and Dout
-    assert state == sorted([(8, 6, 8), (8, 40, 6), (8, 6, 8)])
+    # totals and s [B, Nout, Dout], the softmax child-major [Nin, B, Nout]: nothing with Nin
+    # and Dout
+    assert state == sorted([(8, 6, 8), (40, 8, 6), (8, 6, 8)])
     v.sum().backward()
     assert u.grad is not None and torch.isfinite(u.grad).all()
 
