@@ -104,12 +104,14 @@ def _spec(dataset: IdxDataset | str) -> IdxDataset:
 
 
 def dataset_folder(dataset: IdxDataset | str, root: str | os.PathLike | None = None) -> Path:
-    """The absolute folder that holds (or will receive) ``dataset``'s files under a data root
-    (default ``default_root``): ``root/<name>`` when that folder exists; else, when ``root`` is
-    another known dataset's folder (``.../mnist`` asked for Fashion-MNIST) with a sibling
-    ``<name>`` folder, that sibling; else ``root`` itself."""
+    """The absolute, normalised folder that holds (or will receive) ``dataset``'s files under a
+    data root (default ``default_root``): ``root/<name>`` when that folder exists; else, when
+    ``root`` is another known dataset's folder (``.../mnist`` asked for Fashion-MNIST) with a
+    sibling ``<name>`` folder, that sibling; else ``root`` itself."""
     spec = _spec(dataset)
-    root = (Path(root) if root is not None else default_root(spec)).expanduser().absolute()
+    root = Path(root) if root is not None else default_root(spec)
+    # absolute with "." and ".." folded (as recorded in a run's config), symlinks kept
+    root = Path(os.path.abspath(root.expanduser()))
     if (root / spec.name).is_dir():
         return root / spec.name
     sibling = root.parent / spec.name

@@ -126,6 +126,7 @@ def test_dataset_folder_is_the_folder_or_its_dataset_subfolder(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "root" / "mnist").mkdir(parents=True)
     assert data.dataset_folder("mnist", "root") == tmp_path / "root" / "mnist"  # absolute
+    assert data.dataset_folder("mnist", "empty/../root/.") == tmp_path / "root" / "mnist"
     assert data.dataset_folder("mnist", tmp_path / "root" / "mnist") == tmp_path / "root" / "mnist"
     # a folder named after another dataset, with the asked dataset beside it
     assert data.dataset_folder("fashion-mnist", tmp_path / "root" / "mnist") == (
