@@ -9,10 +9,11 @@ Same semantics as ``fastcaps.reference`` but laid out for speed and memory:
   where grad u and grad weight are again batched matmuls over the input capsules.
 * The logits are never accumulated: after r iterations they equal ``U_ij . V_j`` with
   ``V = v_0 + ... + v_(r-1)`` (the running sum of the outputs).
-* Autograd Functions save only their inputs and the pre-squash sums ``s`` of every iteration
-  (``[R, B, Nout, Dout]``). Backward recomputes ``U`` (one batched matmul for
-  ``capsule_routing``), the coefficients of every iteration (one pass over ``U``) and walks the
-  iterations backwards. ``capsule_routing`` therefore saves nothing of size ``B * Nin * Nout``.
+* Autograd Functions save only their inputs, the pre-squash sums ``s`` of every iteration
+  (``[R, B, Nout, Dout]``) and the coefficients of iterations 1 .. R-1 (``[R-1, B, Nout, Nin]``,
+  ``(R - 1) / Dout`` of u_hat). Backward recomputes ``U`` (one batched matmul for
+  ``capsule_routing``) and walks the iterations backwards. ``capsule_routing`` therefore saves
+  nothing of size ``B * Nin * Nout * Dout``.
 * float16 and bfloat16 inputs are computed in float32 and cast back on output.
 * Off CUDA, routing runs on chunks of the batch sized so that a chunk's prediction vectors fit a
   cache budget (``$FASTCAPS_CHUNK_BYTES``, default 8 MiB): every iteration then re-reads them
@@ -87,6 +88,13 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the math runs in: float32 for half types, else the input dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _cat_parts(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """``route_forward``'s (v, s_all, coefficients) of the batch chunks, joined along the batch
+    (dims 0, 1 and 1)."""
+    v, s_all, coefficients = zip(*parts, strict=True)
+    return _cat(list(v), 0), _cat(list(s_all), 1), _cat(list(coefficients), 1)
 
 
 def graph_grads(
@@ -310,16 +318,27 @@ def pairs_view(child_major: Tensor) -> Tensor:
 
 
 def route_forward(
-    pairs: Tensor, batch: int, n_out: int, bias: Tensor | None, iterations: int, eps: float
-) -> tuple[Tensor, Tensor]:
+    pairs: Tensor,
+    batch: int,
+    n_out: int,
+    bias: Tensor | None,
+    iterations: int,
+    eps: float,
+    detach_logits: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Routing by agreement on prediction vectors ``pairs`` [B * Nout, Nin, Dout].
 
-    Returns the output capsules v [B, Nout, Dout] and the pre-squash sums of every iteration,
-    s_all [R, B, Nout, Dout] (bias included), which is all that backward needs besides u_hat.
+    Returns the output capsules v [B, Nout, Dout], the pre-squash sums of every iteration,
+    s_all [R, B, Nout, Dout] (bias included), and the coefficients the backward walks,
+    [K, B, Nout, Nin]: iterations 1 .. R-1 (K = R - 1; iteration 0's are 1 / Nout), or with
+    ``detach_logits`` only the last one (K = 1, or 0 when R = 1). Keeping them costs 1 / Dout of
+    u_hat per iteration and spares the backward a pass over u_hat and a softmax.
     """
     n_pairs, n_in, d_out = pairs.shape
     total_v = pairs.new_zeros(n_pairs, 1, d_out)  # V_r = v_0 + ... + v_(r-1)
     s_all = pairs.new_empty(iterations, batch, n_out, d_out)
+    kept = list(range(1, iterations))[-1:] if detach_logits else list(range(1, iterations))
+    coefficients = pairs.new_empty(len(kept), batch, n_out, n_in)
     for r in range(iterations):
         if r == 0:  # zero logits: c = 1 / Nout for every pair
             s = pairs.sum(dim=1) / n_out
@@ -328,6 +347,8 @@ def route_forward(
             # than the matrix-vector form U @ V
             logits = torch.bmm(total_v, pairs.mT).view(batch, n_out, n_in)
             c = torch.softmax(logits, dim=1)  # over the parents
+            if r in kept:
+                coefficients[kept.index(r)] = c
             s = torch.bmm(c.view(n_pairs, 1, n_in), pairs)
         s = s.view(batch, n_out, d_out)
         if bias is not None:
@@ -335,17 +356,7 @@ def route_forward(
         s_all[r] = s
         v = squash_forward(s, eps)
         total_v += v.view(n_pairs, 1, d_out)
-    return v, s_all
-
-
-def _coefficients(pairs: Tensor, V: Tensor, steps: Sequence[int]) -> Tensor:
-    """Routing coefficients of the given iterations from one pass over the pairs:
-    [B, Nout, K, Nin]."""
-    n_pairs, n_in, d_out = pairs.shape
-    _, batch, n_out, _ = V.shape
-    running = V[list(steps)].permute(1, 2, 0, 3).reshape(n_pairs, len(steps), d_out)
-    logits = torch.bmm(running, pairs.mT).view(batch, n_out, len(steps), n_in)
-    return torch.softmax(logits, dim=1)
+    return v, s_all, coefficients
 
 
 def accumulates_in_place(device: torch.device) -> bool:
@@ -359,11 +370,13 @@ def accumulates_in_place(device: torch.device) -> bool:
 def route_backward(
     pairs: Tensor,
     s_all: Tensor,
+    coefficients: Tensor,
     grad_v: Tensor,
     detach_logits: bool,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """Backpropagate ``route_forward``: returns grad u_hat, child-major [Nin, B * Nout, Dout],
+    """Backpropagate ``route_forward`` (given its s_all and coefficients): returns grad u_hat,
+    child-major [Nin, B * Nout, Dout],
     and the sum over iterations of grad s [B, Nout, Dout] (the gradient of a bias, before the
     batch sum).
 
@@ -379,17 +392,19 @@ def route_backward(
     v_all = factors.value()
     V = torch.cumsum(v_all, dim=0) - v_all  # V[r] = v_0 + ... + v_(r-1)
     steps = [iterations - 1] if detach_logits else list(range(iterations - 1, -1, -1))
-    coefficients = _coefficients(pairs, V, steps)
 
     coef_columns: list[Tensor] = []  # gU = sum_k coef_columns[k] (outer) grad_rows[k]
     grad_rows: list[Tensor] = []
     grad_later = torch.zeros_like(grad_v)  # sum of gV_r over the iterations r already walked
     grad_s_total = torch.zeros_like(grad_v)
-    for k, r in enumerate(steps):
+    for r in steps:
         grad_out = grad_later + grad_v if r == iterations - 1 else grad_later
         grad_s = tangential_radial(factors.at(r), grad_out)
         grad_s_total += grad_s
-        c = coefficients[:, :, k]
+        if r == 0:  # zero logits
+            c = pairs.new_full((batch, n_out, n_in), 1.0 / n_out)
+        else:  # kept: 1 .. R-1, or the last one only (detach_logits)
+            c = coefficients[-1 if detach_logits else r - 1]
         coef_columns.append(c)
         grad_rows.append(grad_s)
         if r > 0 and not detach_logits:
@@ -431,11 +446,14 @@ def _save_routing_options(
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _routing_backward(ctx: FunctionCtx, child_major: Tensor, s_all: Tensor, grad_v: Tensor):
+def _routing_backward(
+    ctx: FunctionCtx, child_major: Tensor, s_all: Tensor, coefficients: Tensor, grad_v: Tensor
+):
     """grad u_hat as a child-major [Nin, B, Nout, Dout] tensor, and the summed grad s."""
     grad_child, grad_s_total = route_backward(
         pairs_view(child_major),
         s_all,
+        coefficients,
         # any strides (a transposed or expanded incoming gradient) as one contiguous tensor
         grad_v.to(s_all.dtype).contiguous(),
         ctx.detach_logits,
@@ -458,22 +476,19 @@ class DynamicRoutingFunction(torch.autograd.Function):
     ) -> Tensor:
         dtype = compute_dtype(u_hat.dtype)
         bias_c = None if bias is None else bias.to(dtype)
-        v_parts, s_parts = [], []
+        parts = []
         for start, end in _u_hat_chunks(u_hat.shape, dtype, u_hat.device):
             child_major = _child_major_copy(u_hat[start:end], dtype)
-            v, s_all = route_forward(
-                pairs_view(child_major), end - start, u_hat.shape[2], bias_c, iterations, eps
-            )
-            v_parts.append(v)
-            s_parts.append(s_all)
-        v, s_all = _cat(v_parts, 0), _cat(s_parts, 1)
-        ctx.save_for_backward(u_hat, s_all, bias)
+            parts.append(route_forward(pairs_view(child_major), end - start, u_hat.shape[2],
+                                       bias_c, iterations, eps, detach_logits))  # fmt: skip
+        v, s_all, coefficients = _cat_parts(parts)
+        ctx.save_for_backward(u_hat, s_all, coefficients, bias)
         _save_routing_options(ctx, bias, iterations, detach_logits, eps)
         return v.to(u_hat.dtype)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_v: Tensor):
-        u_hat, s_all, bias = ctx.saved_tensors
+        u_hat, s_all, coefficients, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
             return routing_graph_grads(ctx, reference.dynamic_routing, (u_hat, bias), grad_v)
         grad_u_hat = torch.empty_like(u_hat) if ctx.needs_input_grad[0] else None
@@ -481,7 +496,7 @@ class DynamicRoutingFunction(torch.autograd.Function):
         for start, end in _u_hat_chunks(u_hat.shape, s_all.dtype, u_hat.device):
             child_major = _child_major_copy(u_hat[start:end], s_all.dtype)
             grad_child, grad_s_total = _routing_backward(
-                ctx, child_major, s_all[:, start:end], grad_v[start:end]
+                ctx, child_major, s_all[:, start:end], coefficients[:, start:end], grad_v[start:end]
             )
             if grad_u_hat is not None:
                 grad_u_hat[start:end] = grad_child.transpose(0, 1)
@@ -520,22 +535,19 @@ class CapsuleRoutingFunction(torch.autograd.Function):
         u_c, weight_c = u.to(dtype), weight.to(dtype)
         bias_c = None if bias is None else bias.to(dtype)
         n_in, n_out, d_out, _ = weight.shape
-        v_parts, s_parts = [], []
+        parts = []
         for start, end in _u_hat_chunks((u.shape[0], n_in, n_out, d_out), dtype, u.device):
             child_major = child_major_predictions(u_c[start:end], weight_c)
-            v, s_all = route_forward(
-                pairs_view(child_major), end - start, n_out, bias_c, iterations, eps
-            )
-            v_parts.append(v)
-            s_parts.append(s_all)
-        v, s_all = _cat(v_parts, 0), _cat(s_parts, 1)
-        ctx.save_for_backward(u, weight, s_all, bias)
+            parts.append(route_forward(pairs_view(child_major), end - start, n_out, bias_c,
+                                       iterations, eps, detach_logits))  # fmt: skip
+        v, s_all, coefficients = _cat_parts(parts)
+        ctx.save_for_backward(u, weight, s_all, coefficients, bias)
         _save_routing_options(ctx, bias, iterations, detach_logits, eps)
         return v.to(u.dtype)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_v: Tensor):
-        u, weight, s_all, bias = ctx.saved_tensors
+        u, weight, s_all, coefficients, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
             return routing_graph_grads(ctx, reference.capsule_routing, (u, weight, bias), grad_v)
         u_c, weight_c = u.to(s_all.dtype), weight.to(s_all.dtype)
@@ -549,7 +561,7 @@ class CapsuleRoutingFunction(torch.autograd.Function):
         for start, end in _u_hat_chunks((u.shape[0], n_in, n_out, d_out), s_all.dtype, u.device):
             child_major = child_major_predictions(u_c[start:end], weight_c)
             grad_child, grad_s_total = _routing_backward(
-                ctx, child_major, s_all[:, start:end], grad_v[start:end]
+                ctx, child_major, s_all[:, start:end], coefficients[:, start:end], grad_v[start:end]
             )
             del child_major
             grad_child = grad_child.reshape(n_in, end - start, n_out * d_out)

@@ -261,8 +261,12 @@ def test_capsule_routing_saves_nothing_of_u_hat_size():
     v, state = saved_state(
         lambda: fastcaps.capsule_routing(u, weight, 3, bias, backend="torch"), (u, weight, bias)
     )
-    # besides its inputs, only the per-iteration sums s: [R, B, Nout, Dout]
-    assert [tuple(t.shape) for t in state] == [(3, shape.B, shape.Nout, shape.Dout)]
+    # besides its inputs, the per-iteration sums s [R, B, Nout, Dout] and the coefficients of
+    # iterations 1 .. R-1 [R - 1, B, Nout, Nin]: nothing with both Nin and Dout
+    assert [tuple(t.shape) for t in state] == [
+        (3, shape.B, shape.Nout, shape.Dout),
+        (2, shape.B, shape.Nout, shape.Nin),
+    ]
     v.sum().backward()  # the graph still works with only those tensors
     assert u.grad is not None and torch.isfinite(u.grad).all()
 
