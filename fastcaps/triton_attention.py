@@ -55,7 +55,7 @@ def _prior_grad_or_empty(grad_prior: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _prior_grad_fake(prior: Tensor | None, like: Tensor) -> Tensor:
-    return _prior_grad_or_empty(torch.empty_like(prior) if prior is not None else None, like)
+    return torch.empty_like(prior) if prior is not None else like.new_empty(0)
 
 
 # ----------------------------------------------------------------------------------------------
