@@ -359,6 +359,18 @@ def test_torch_backend_chunks_of_the_batch_change_nothing(
         torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol)
 
 
+def test_chunk_buffer_is_one_allocation_shared_by_the_chunks():
+    from fastcaps.torch_backend import ChunkBuffer
+
+    like = torch.empty(0)
+    shared = ChunkBuffer([(0, 5), (5, 9)], per_sample=6, like=like, dtype=torch.float64)
+    first, last = shared.take((5, 6)), shared.take((4, 3, 2))
+    assert first.dtype == torch.float64 and first.is_contiguous() and last.is_contiguous()
+    assert first.data_ptr() == last.data_ptr() == shared.flat.data_ptr()
+    assert shared.flat.numel() == 30  # the largest chunk, 5 samples of 6 values
+    assert ChunkBuffer([(0, 9)], per_sample=6, like=like, dtype=torch.float64).take((9, 6)) is None
+
+
 def test_chunk_budget_errors_name_the_setting(monkeypatch):
     from fastcaps import torch_backend
 
