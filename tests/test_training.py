@@ -547,6 +547,25 @@ def test_training_options_smoke(tmp_path, options):
     assert math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])
 
 
+@pytest.mark.parametrize(
+    ("amp", "native", "warns"),
+    [("bf16", set(), True), ("bf16", {"_is_avx512_bf16_supported"}, False),
+     ("bf16", {"_is_amx_tile_supported"}, False), ("fp16", {"_is_avx512_bf16_supported"}, True),
+     ("fp16", {"_is_amx_fp16_supported"}, False), ("off", set(), False)],
+    ids=["bf16-avx2", "bf16-avx512bf16", "bf16-amx", "fp16-avx512bf16", "fp16-amx", "off"],
+)  # fmt: skip
+def test_cpu_amp_warns_without_native_half_precision(monkeypatch, amp, native, warns):
+    from fastcaps.training import cpu_amp_warning
+
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda check=check: check in native, raising=False)
+    warning = cpu_amp_warning(torch.device("cpu"), amp)
+    assert (warning is not None) == warns
+    if warns:
+        assert f"--amp {amp} on a CPU without native support" in warning
+    assert cpu_amp_warning(torch.device("meta"), amp) is None  # not a CPU
+
+
 @needs_fashion
 def test_fashion_mnist_run(tmp_path):
     out = tmp_path / "fashion"
