@@ -327,8 +327,11 @@ def child_major_predictions(u: Tensor, weight: Tensor, out: Tensor | None = None
 
 
 def predictions(u: Tensor, weight: Tensor) -> Tensor:
-    """``u_hat[b, i, j] = weight[i, j] @ u[b, i]``: [B, Nin, Din] -> [B, Nin, Nout, Dout]."""
-    return child_major_predictions(u, weight).transpose(0, 1).contiguous()
+    """``u_hat[b, i, j] = weight[i, j] @ u[b, i]``: [B, Nin, Din] -> [B, Nin, Nout, Dout], a
+    transposed view of the child-major result (as ``torch.einsum`` returns it): a copy into
+    the batch-major layout would double the time on a CPU, and the routing ops read this view
+    as cheaply as a contiguous tensor."""
+    return child_major_predictions(u, weight).transpose(0, 1)
 
 
 def pairs_view(child_major: Tensor) -> Tensor:

@@ -137,7 +137,8 @@ def test_predictions_match_reference(on_device, backend, dtype, shape):
     u_hat = fastcaps.predictions(u, weight, backend=backend)
     u64, w64 = as_float64_leaf(u), as_float64_leaf(weight)
     u_hat_ref = reference.predictions(u64, w64)
-    assert u_hat.is_contiguous() and u_hat.dtype == dtype
+    # any strides (the torch backend returns a view of its child-major result, like einsum)
+    assert u_hat.shape == u_hat_ref.shape and u_hat.dtype == dtype
     assert_close(u_hat, u_hat_ref, dtype, "u_hat")
     grad = torch.randn(u_hat.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     for name, g, e in zip(
