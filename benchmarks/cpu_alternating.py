@@ -2,7 +2,12 @@
 machine hits them all alike.
 
     # capsule_routing forward + backward, chunk budgets vs one chunk vs compiled reference
+    # (--rounds processes, each interleaving the candidates call by call)
     python -m benchmarks.cpu_alternating routing --batch 32 128 512
+    # the torch backend's capsule_routing here against another checkout, alternating processes
+    python -m benchmarks.cpu_alternating routing --batch 128 --baseline-from /tmp/fastcaps-old
+    # default chunks against chunks that each allocate their own buffers (before ChunkBuffer)
+    python -m benchmarks.cpu_alternating routing --batch 128 --budgets-mib 8 --fresh-buffers
     # peak memory of one forward + backward: growth of the peak RSS of a fresh process
     python -m benchmarks.cpu_alternating peak-rss --batch 32 128 512
     # the whole CapsNet training step (images/s), float32 and --amp bf16, this checkout against
@@ -52,15 +57,23 @@ def _routing_worker(args: argparse.Namespace) -> dict:
     def candidate_call(name: str):
         if name == "reference-compiled":
             return compiled
-        budget = {"default": None, "one-chunk": 1 << 62}.get(name)
+        budget = {"default": None, "fresh-buffers": None, "one-chunk": 1 << 62}.get(name)
         if name.startswith("budget:"):
             budget = int(name.split(":")[1])
 
         def call(*a):
             torch_backend.set_chunk_bytes(budget)
+            # "fresh-buffers": default chunks, each allocating its own u_hat and grad u_hat
+            # instead of sharing one buffer (as the torch backend did before ChunkBuffer)
+            if shared_take is not None:  # checkouts before ChunkBuffer have nothing to patch
+                fresh = name == "fresh-buffers"
+                take = (lambda self, shape: None) if fresh else shared_take
+                torch_backend.ChunkBuffer.take = take
             return torch_backend.capsule_routing(*a)
 
         return call
+
+    shared_take = getattr(getattr(torch_backend, "ChunkBuffer", None), "take", None)
 
     calls = {name: candidate_call(name) for name in args.candidates}
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -79,6 +92,7 @@ def _routing_worker(args: argparse.Namespace) -> dict:
 OP_CASES = [
     ("squash MNIST primary B=128", "squash", (128, 1152, 8)),
     ("exp_squash MNIST primary B=32", "exp_squash", (32, 1152, 8)),
+    ("exp_squash Efficient primary B=128", "exp_squash", (128, 16, 8)),
     ("capsule_attention_routing Efficient B=16", "capsule_attention_routing", (16, 16, 8)),
     ("capsule_attention_routing Efficient B=128", "capsule_attention_routing", (128, 16, 8)),
     ("capsule_attention_routing MNIST B=8", "capsule_attention_routing", (8, 1152, 8)),
@@ -208,11 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets-mib", type=int, nargs="*", default=[2, 4, 8, 16, 32])
     p.add_argument(
         "--baseline-from", type=Path, default=None,
-        help="train-step, ops: a checkout to compare with (e.g. a worktree of main~1)",
+        help="train-step, ops, routing: a checkout to compare with (e.g. a worktree of main~1)",
     )  # fmt: skip
     p.add_argument("--amps", nargs="+", choices=["off", "bf16"], default=["off", "bf16"],
                    help="train-step: autocast modes to time")  # fmt: skip
     p.add_argument("--classes", type=int, default=10, help="routing: output capsules (Nout)")
+    p.add_argument("--fresh-buffers", action="store_true",
+                   help="routing: also time default chunks without a shared buffer")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)
@@ -229,20 +245,45 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     results = {}
-    if args.what == "routing":
+    if args.what == "routing" and args.baseline_from is not None:
+        sources = [("baseline", args.baseline_from.resolve()), ("this checkout", REPO)]
+        for batch in args.batch or [128]:
+            extra = ["routing", "--batch", str(batch), "--reps", str(args.reps), "--classes",
+                     str(args.classes), "--candidates", "default"]  # fmt: skip
+            candidates = [(label, source, extra) for label, source in sources]
+            results[f"B{batch}"] = _alternate(candidates, args.rounds, "default")
+        print("| batch | baseline ms | this checkout ms | speedup |\n|---|---|---|---|")
+        for batch, row in results.items():
+            base, this = row["baseline"]["median"], row["this checkout"]["median"]
+            print(f"| {batch} | {base:.1f} | {this:.1f} | {base / this:.2f}x |")
+        print("(median over rounds of each process's median ms, capsule_routing forward + "
+              "backward, torch backend, default chunks)")  # fmt: skip
+    elif args.what == "routing":
         names = ["one-chunk", *(f"budget:{m * MIB}" for m in args.budgets_mib)]
+        names += ["fresh-buffers"] if args.fresh_buffers else []
         names.append("reference-compiled")
         for batch in args.batch or [32, 128, 512]:
             extra = ["routing", "--batch", str(batch), "--reps", str(args.reps), "--classes",
                      str(args.classes), "--candidates"]  # fmt: skip
-            medians = _run_worker(REPO, [*extra, *names])
-            results[f"B{batch}"] = {n: {"median": medians[n]} for n in names}
+            runs = [_run_worker(REPO, [*extra, *names]) for _ in range(args.rounds)]
+            results[f"B{batch}"] = {
+                n: {"median": statistics.median(r[n] for r in runs), "runs": [r[n] for r in runs]}
+                for n in names
+            }
         print("| batch | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 1) + "|")
         for batch, row in results.items():
             cells = " | ".join(f"{row[n]['median']:.1f}" for n in names)
             print(f"| {batch} | {cells} |")
-        print(f"(median ms, capsule_routing forward + backward, 1152 -> {args.classes}x16, R 3)")
+        print(f"(median over {args.rounds} processes of each one's median ms, capsule_routing "
+              f"forward + backward, 1152 -> {args.classes}x16, R 3)")  # fmt: skip
+        compiled = "reference-compiled"
+        for batch, row in results.items():
+            for n in names[:-1]:
+                ratios = [c / t for c, t in zip(row[compiled]["runs"], row[n]["runs"], strict=True)]
+                row[n]["vs_compiled_per_run"] = ratios
+                print(f"{batch} {n} vs {compiled}, per process: "
+                      + ", ".join(f"{x:.2f}x" for x in ratios))  # fmt: skip
     elif args.what == "peak-rss":
         names = ["default", "one-chunk", "reference"]
         for batch in args.batch or [128]:

@@ -38,24 +38,29 @@ from fastcaps.torch_backend import (
 # ----------------------------------------------------------------------------------------------
 
 
-def exp_squash_factors(s: Tensor) -> Radial:
+def exp_squash_factors(s: Tensor, slope: bool = True) -> Radial:
     """exp_squash's pieces per vector of the last dim, for any finite s: with r = |s|,
-    g = 1 - exp(-r) (the output length), f = g / r (1 at s = 0) and g' = exp(-r). r from the
-    plain sum of squares where that is exact (``plain_square_norm``), else from the scaled norm
-    (it may round to inf: then g = 1, f = 0)."""
+    g = 1 - exp(-r) (the output length), f = g / r (1 at s = 0) and g' = exp(-r) (f and g'
+    None unless ``slope``). r from the plain sum of squares where that is exact
+    (``plain_square_norm``), else from the scaled norm (it may round to inf: then g = 1,
+    f = 0)."""
     n = plain_square_norm(s)
     if n is not None:
         r = n.sqrt()
-        f = -torch.expm1(-r) / r
+        f = torch.expm1(-r).div_(r).neg_()  # in place: tiny layers are op-overhead bound
+        if not slope:
+            return Radial(s, n, f)
         return Radial(s, n, f, f, torch.exp(-r))
     u, r, _ = scaled_polar(s, inverse=False)
     g = -torch.expm1(-r)
+    if not slope:
+        return Radial(u, 1.0, g)
     f = torch.where(r > 0, g / torch.where(r > 0, r, 1.0), 1.0)
     return Radial(u, 1.0, g, f, torch.exp(-r))
 
 
 def exp_squash_forward(s: Tensor) -> Tensor:
-    return exp_squash_factors(s).value()
+    return exp_squash_factors(s, slope=False).value()
 
 
 def exp_squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
