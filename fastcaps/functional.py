@@ -60,7 +60,11 @@ def _check_vectors(s: Tensor, dim: int) -> None:
 
 
 def predictions(u: Tensor, weight: Tensor, *, backend: str | None = None) -> Tensor:
-    """Prediction vectors ``u_hat[b, i, j] = weight[i, j] @ u[b, i]``: [B, Nin, Nout, Dout]."""
+    """Prediction vectors ``u_hat[b, i, j] = weight[i, j] @ u[b, i]``: [B, Nin, Nout, Dout].
+
+    The result may be strided: the torch backend returns a transposed view of its
+    [Nin, B, Nout, Dout] matmul result, as ``torch.einsum`` would (``.contiguous()`` copies it).
+    """
     check_prediction_inputs(u, weight)
     return implementation("predictions", backend, u)(u, weight)
 
