@@ -392,7 +392,8 @@ def check_model_config(checkpoint: dict[str, Any], expected: dict[str, Any]) -> 
 def cpu_amp_warning(device: torch.device, amp: str) -> str | None:
     """Why ``--amp`` will be slow on this CPU, or None: without AVX-512 BF16 or AMX (bf16), or
     AMX-FP16 (fp16), PyTorch's CPU convolutions in half precision fall back to a generic
-    implementation (measured here: CapsNet's step at batch 16 17x slower than float32)."""
+    implementation (measured on an AVX2 CPU: CapsNet's training step at batch 16 ran at 4.4
+    images/s in bf16 against 51.0 in float32)."""
     if device.type != "cpu" or amp == "off":
         return None
     native = {"bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
