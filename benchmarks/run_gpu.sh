@@ -6,16 +6,17 @@
 # 2. the pytest-benchmark sweep of every op and provider, and its report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+py=${PYTHON:-python3}  # the lent machines' python3 holds torch; PYTHON picks another
+name=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 out=${1:-benchmarks/results/$name}
 mkdir -p "$out"
 baseline=()
 if [ -f benchmarks/results/static-sm90/report.json ]; then
     baseline=(--baseline benchmarks/results/static-sm90/report.json)
 fi
-python -m benchmarks.gpu_static --measure --out "$out/static-sm90" "${baseline[@]}" \
+"$py" -m benchmarks.gpu_static --measure --out "$out/static-sm90" "${baseline[@]}" \
     2>&1 | tee "$out/static-sm90.log"
-FASTCAPS_BENCH_DEVICE=cuda python -m pytest benchmarks/ -q -p no:cacheprovider \
+FASTCAPS_BENCH_DEVICE=cuda "$py" -m pytest benchmarks/ -q -p no:cacheprovider \
     --benchmark-enable --benchmark-only --benchmark-json "$out/benchmarks.json" \
     2>&1 | tee "$out/pytest.log"
-python -m benchmarks.report "$out/benchmarks.json"
+"$py" -m benchmarks.report "$out/benchmarks.json"

@@ -60,3 +60,22 @@ def test_every_launched_variant_compiles_for_sm90_without_spills(tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("# Static sm_90 (H100) cost report")
     if torch.cuda.is_available():  # with a GPU the report is written for it as well
         assert data["scenarios"]
+
+
+def _gpu_session(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "benchmarks/gpu_session.sh", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_gpu_session_script_needs_an_output_folder():
+    result = _gpu_session()
+    assert result.returncode == 2
+    assert "usage: bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S]" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_session_script_refuses_to_run_without_cuda(tmp_path):
+    result = _gpu_session(str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# All the GPU evidence one short lease can give, in one call, most valuable first:
+#     bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S]     (BUDGET_S: 540 unless given)
+# A lease is about 15 minutes of device time, the machine's start included, and one command may
+# run 10, so every step has its own share of BUDGET_S and a `timeout`: a slow step loses its tail,
+# never the steps after it. After every step OUT_DIR/gpu-session.tar.gz is rewritten, so a call
+# killed at its limit still returns all that finished. Steps:
+#   1. the test suite on CUDA (float16 and bfloat16 included; the CPU cases and the slow ones, CI
+#      runs them, are left out);
+#   2. the static sm_90 model of every Triton kernel beside its measured time (gpu_static --measure);
+#   3. two short epochs of each model (CapsNet, Efficient-CapsNet) for the warm time per epoch;
+#   4. the benchmark sweep without torch.compile (about 100 of its 309 cases compile for tens of
+#      seconds each: `bash benchmarks/run_gpu.sh` is the whole sweep), then compiled reference at
+#      the MNIST layer, B = 128, forward + backward, the ratio the README quotes.
+# MNIST is read from $FASTCAPS_DATA, else data/mnist (git-ignored: copy ../shared/mnist there and
+# name it in the lease's carry).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 1 ]; then
+    echo "usage: bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S]" >&2
+    exit 2
+fi
+out=$1
+budget=${2:-540}
+py=${PYTHON:-python3}  # the lent machines' python3 holds torch; PYTHON picks another
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_session.sh needs a CUDA GPU (torch.cuda.is_available() is False)" >&2
+    exit 2
+fi
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+export FASTCAPS_DATA=${FASTCAPS_DATA:-data/mnist}
+work=$(mktemp -d)
+mkdir -p "$out"
+log="$out/session.log"
+start=$(date +%s)
+
+pack() {
+    tar -czf "$out/.gpu-session.tar.gz" -C "$work" . && mv "$out/.gpu-session.tar.gz" "$out/gpu-session.tar.gz"
+}
+
+# step NAME SHARE COMMAND...: run COMMAND under a timeout of SHARE percent of the budget (never
+# past what is left), its output in NAME.log, then pack
+step() {
+    local name=$1 share=$2
+    shift 2
+    local now left limit t0 rc
+    now=$(date +%s)
+    left=$((budget - (now - start)))
+    limit=$((budget * share / 100))
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -le 5 ]; then
+        echo "$name: skipped, ${left}s of the budget left" | tee -a "$log"
+        return
+    fi
+    echo "$name: start, limit ${limit}s: $*" | tee -a "$log"
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" > "$work/$name.log" 2>&1
+    rc=$?
+    echo "$name: rc $rc ($([ $rc -eq 124 ] && echo 'timed out, ')$(($(date +%s) - t0))s)" | tee -a "$log"
+    tail -n 5 "$work/$name.log" | tee -a "$log"
+    pack
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$py" -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__)"
+    git log -1 --format='commit %H %s' 2>/dev/null
+} > "$work/env.txt" 2>&1
+cat "$work/env.txt" | tee -a "$log"
+
+step tests 28 "$py" -m pytest tests -q -n 8 -p no:cacheprovider -m "not slow" -k "not cpu" \
+    -rfEs --durations=15
+baseline=()
+[ -f benchmarks/results/static-sm90/report.json ] && baseline=(--baseline benchmarks/results/static-sm90/report.json)
+step static-sm90 22 "$py" -m benchmarks.gpu_static --measure --out "$work/static-sm90" "${baseline[@]}"
+for model in paper efficient; do
+    step "train-$model" 12 "$py" train_mnist.py --model "$model" --epochs 2 --train-limit 20000 \
+        --val-size 2000 --test-limit 2000 --no-figures --log-every 100 \
+        --output-dir "$work/train-$model" --overwrite
+done
+step bench-sweep 20 "$py" -m pytest benchmarks/ -q -p no:cacheprovider -k "not reference-compiled" \
+    --benchmark-enable --benchmark-only --benchmark-max-time 0.2 \
+    --benchmark-json "$work/benchmarks.json"
+step bench-compiled 100 "$py" -m pytest benchmarks/test_ops.py -q -p no:cacheprovider \
+    -k "capsule_routing and full and mnist-B128-I1152-J10-D16-K8-R3 and (reference-compiled or torch or triton-fused)" \
+    --benchmark-enable --benchmark-only --benchmark-max-time 0.2 \
+    --benchmark-json "$work/benchmarks-compiled.json"
+reports=()
+for json in "$work"/benchmarks*.json; do [ -s "$json" ] && reports+=("$json"); done
+[ ${#reports[@]} -gt 0 ] && step bench-report 100 "$py" -m benchmarks.report "${reports[@]}" --out "$work/report"
+echo "done in $(($(date +%s) - start))s of ${budget}s" | tee -a "$log"
