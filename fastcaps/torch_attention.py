@@ -31,6 +31,7 @@ from fastcaps.torch_backend import (
     plain_square_norm,
     scaled_polar,
     tangential_radial,
+    without_autocast,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -70,11 +71,13 @@ def exp_squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
 
 class ExpSquashFunction(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx: FunctionCtx, s: Tensor) -> Tensor:
         ctx.save_for_backward(s)
         return exp_squash_forward(s.to(compute_dtype(s.dtype))).to(s.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx: FunctionCtx, grad_v: Tensor) -> Tensor:
         (s,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
@@ -147,6 +150,7 @@ class AttentionRoutingFunction(torch.autograd.Function):
     """Saves u_hat (the input), the totals, the softmax and s: O(B Nin Nout) beyond the input."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx: FunctionCtx, u_hat: Tensor, prior: Tensor | None) -> Tensor:
         dtype = compute_dtype(u_hat.dtype)
         prior_c = None if prior is None else prior.to(dtype)
@@ -155,6 +159,7 @@ class AttentionRoutingFunction(torch.autograd.Function):
         return v.to(u_hat.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx: FunctionCtx, grad_v: Tensor):
         u_hat, prior, totals, p, s = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
@@ -174,6 +179,7 @@ class CapsuleAttentionRoutingFunction(torch.autograd.Function):
     u_hat in backward."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx: FunctionCtx, u: Tensor, weight: Tensor, prior: Tensor | None) -> Tensor:
         dtype = compute_dtype(u.dtype)
         prior_c = None if prior is None else prior.to(dtype)
@@ -183,6 +189,7 @@ class CapsuleAttentionRoutingFunction(torch.autograd.Function):
         return v.to(u.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx: FunctionCtx, grad_v: Tensor):
         u, weight, prior, totals, p, s = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation

@@ -14,7 +14,8 @@ Same semantics as ``fastcaps.reference`` but laid out for speed and memory:
   ``(R - 1) / Dout`` of u_hat). Backward recomputes ``U`` (one batched matmul for
   ``capsule_routing``) and walks the iterations backwards. ``capsule_routing`` therefore saves
   nothing of size ``B * Nin * Nout * Dout``.
-* float16 and bfloat16 inputs are computed in float32 and cast back on output.
+* float16 and bfloat16 inputs are computed in float32 and cast back on output. Under
+  ``torch.autocast`` the ops compute exactly as without it (``without_autocast``).
 * Off CUDA, routing runs on chunks of the batch sized so that a chunk's prediction vectors fit a
   cache budget (``$FASTCAPS_CHUNK_BYTES``, default 8 MiB): every iteration then re-reads them
   from cache instead of memory. Routing is per sample, so the results are the same; on CUDA the
@@ -24,6 +25,7 @@ Same semantics as ``fastcaps.reference`` but laid out for speed and memory:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -105,6 +107,23 @@ class ChunkBuffer:
         if self.flat is None:
             return None
         return self.flat[: math.prod(shape)].view(shape)
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """``fn`` with autocast off (CUDA and CPU): fastcaps' ops are not autocast ops. They compute
+    in their inputs' dtype (float32 math for half inputs), as the Triton kernels do, instead of
+    autocast rounding every matmul inside them to half precision, and in the backward, which
+    runs in the dtype of the saved state, everything."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        for kind in ("cuda", "cpu"):
+            if torch.is_autocast_enabled(kind):
+                with torch.autocast(kind, enabled=False):
+                    return run(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
@@ -285,12 +304,14 @@ def tangential_radial(factors: Radial, grad_v: Tensor) -> Tensor:
 
 class SquashFunction(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx: FunctionCtx, s: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(s)
         ctx.eps = eps
         return squash_forward(s.to(compute_dtype(s.dtype)), eps).to(s.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx: FunctionCtx, grad_v: Tensor) -> tuple[Tensor | None, None]:
         (s,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
@@ -327,6 +348,7 @@ def child_major_predictions(u: Tensor, weight: Tensor, out: Tensor | None = None
     return out
 
 
+@without_autocast
 def predictions(u: Tensor, weight: Tensor) -> Tensor:
     """``u_hat[b, i, j] = weight[i, j] @ u[b, i]``: [B, Nin, Din] -> [B, Nin, Nout, Dout], a
     transposed view of the child-major result (as ``torch.einsum`` returns it): a copy into
@@ -508,6 +530,7 @@ class DynamicRoutingFunction(torch.autograd.Function):
     """Routing on given prediction vectors; saves u_hat (an input) and s_all."""
 
     @staticmethod
+    @without_autocast
     def forward(
         ctx: FunctionCtx,
         u_hat: Tensor,
@@ -531,6 +554,7 @@ class DynamicRoutingFunction(torch.autograd.Function):
         return v.to(u_hat.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx: FunctionCtx, grad_v: Tensor):
         u_hat, s_all, coefficients, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
@@ -574,6 +598,7 @@ class CapsuleRoutingFunction(torch.autograd.Function):
     """Predictions + routing; saves u, weight and s_all, and recomputes u_hat in backward."""
 
     @staticmethod
+    @without_autocast
     def forward(
         ctx: FunctionCtx,
         u: Tensor,
@@ -602,6 +627,7 @@ class CapsuleRoutingFunction(torch.autograd.Function):
         return v.to(u.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx: FunctionCtx, grad_v: Tensor):
         u, weight, s_all, coefficients, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation

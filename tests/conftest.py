@@ -81,6 +81,15 @@ def on_device(device, backend):
     return device
 
 
+@pytest.fixture
+def chunk_budget():
+    """Sets the torch backend's chunk budget for one test, then restores the default."""
+    from fastcaps import torch_backend
+
+    yield torch_backend.set_chunk_bytes
+    torch_backend.set_chunk_bytes(None)
+
+
 @dataclass(frozen=True)
 class Shape:
     """A routing layer: B samples, Nin -> Nout capsules, Din -> Dout dims."""

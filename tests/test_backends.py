@@ -313,15 +313,6 @@ def test_without_triton_auto_runs_torch_and_triton_says_how_to_install(monkeypat
         fastcaps.squash(s, backend="triton")
 
 
-@pytest.fixture
-def chunk_budget():
-    """Sets the torch backend's chunk budget for one test, then restores the default."""
-    from fastcaps import torch_backend
-
-    yield torch_backend.set_chunk_bytes
-    torch_backend.set_chunk_bytes(None)
-
-
 @pytest.mark.parametrize("in_place", [True, False], ids=["grad-in-place", "grad-one-bmm"])
 @pytest.mark.parametrize("budget", [1, 3400, None], ids=["4-samples", "5-samples", "default"])
 @pytest.mark.parametrize("batch", [0, 1, 9], ids=lambda b: f"B{b}")
