@@ -10,8 +10,8 @@ machine hits them all alike.
     python -m benchmarks.cpu_alternating routing --batch 128 --budgets-mib 8 --fresh-buffers
     # peak memory of one forward + backward: growth of the peak RSS of a fresh process
     python -m benchmarks.cpu_alternating peak-rss --batch 32 128 512
-    # the whole CapsNet training step (images/s), float32 and --amp bf16, this checkout against
-    # another one (e.g. a worktree of the previous commit)
+    # the whole CapsNet training step (images/s), float32 and --amp bf16 (bf16-plain: plain
+    # torch.autocast), this checkout against another one (e.g. a worktree of the previous commit)
     python -m benchmarks.cpu_alternating train-step --baseline-from /tmp/fastcaps-old
     # squash, exp_squash and self-attention routing forward + backward: torch backend against
     # the reference, in this checkout and optionally another one
@@ -167,11 +167,19 @@ def _train_step_worker(args: argparse.Namespace) -> dict:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = torch.randint(0, 256, (args.batch[0], 1, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (args.batch[0],))
-    amp = {"off": None, "bf16": torch.bfloat16}[args.amp]
+    amp = {"off": None, "bf16": torch.bfloat16, "bf16-plain": torch.bfloat16}[args.amp]
+    try:  # the checkout's own autocast (bf16 emulated on CPUs without native bf16)
+        from fastcaps.amp import autocast as tool_autocast
+    except ImportError:  # checkouts before fastcaps.amp: plain autocast
+        tool_autocast = None
+    if tool_autocast is None or args.amp != "bf16":
+        autocast = lambda: torch.autocast("cpu", dtype=amp, enabled=amp is not None)  # noqa: E731
+    else:
+        autocast = lambda: tool_autocast(torch.device("cpu"), "bf16")  # noqa: E731
 
     def step():
         x = random_shift(images.float().div_(255), 2)
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        with autocast():
             out = model(x, labels)
         loss = margin_loss(out.lengths.float(), labels) + reconstruction_loss(
             out.reconstructions.float(), x
@@ -224,8 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         "--baseline-from", type=Path, default=None,
         help="train-step, ops, routing: a checkout to compare with (e.g. a worktree of main~1)",
     )  # fmt: skip
-    p.add_argument("--amps", nargs="+", choices=["off", "bf16"], default=["off", "bf16"],
-                   help="train-step: autocast modes to time")  # fmt: skip
+    p.add_argument("--amps", nargs="+", choices=["off", "bf16", "bf16-plain"],
+                   default=["off", "bf16"], help="train-step: autocast modes to time (bf16: as "
+                   "the training tool sets it up; bf16-plain: torch.autocast alone)")  # fmt: skip
     p.add_argument("--classes", type=int, default=10, help="routing: output capsules (Nout)")
     p.add_argument("--fresh-buffers", action="store_true",
                    help="routing: also time default chunks without a shared buffer")  # fmt: skip

@@ -20,7 +20,6 @@ metrics, checkpoints), ``finish`` (test once, summary, figures).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from fastcaps.amp import AMP_DTYPES, autocast, cpu_amp_note
 from fastcaps.backend import BACKENDS
 from fastcaps.data import (
     DATASETS,
@@ -99,7 +99,6 @@ MODEL_RECIPES: dict[str, dict[str, Any]] = {
 }
 AUGMENTATIONS = ("shift", "efficient", "none")
 FUSED_ADAM = ("cpu", "cuda")  # devices with a fused Adam kernel in torch
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Seconds between progress-bar metric refreshes (each one is a host sync).
 REFRESH_S = 2.0
@@ -389,31 +388,6 @@ def check_model_config(checkpoint: dict[str, Any], expected: dict[str, Any]) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def cpu_amp_warning(device: torch.device, amp: str) -> str | None:
-    """Why ``--amp`` will be slow on this CPU, or None: without AVX-512 BF16 or AMX (bf16), or
-    AMX-FP16 (fp16), PyTorch's CPU convolutions in half precision fall back to a generic
-    implementation (measured on an AVX2 CPU: CapsNet's training step at batch 16 ran at 4.4
-    images/s in bf16 against 51.0 in float32)."""
-    if device.type != "cpu" or amp == "off":
-        return None
-    native = {"bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
-              "fp16": ("_is_amx_fp16_supported",)}[amp]  # fmt: skip
-    if any(getattr(torch.cpu, check, lambda: False)() for check in native):
-        return None
-    needs = "AVX-512 BF16 or AMX" if amp == "bf16" else "AMX-FP16"
-    return (
-        f"--amp {amp} on a CPU without native support ({needs}): half-precision convolutions "
-        "take a slow generic path, many times slower than float32; use --amp off here"
-    )
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -563,8 +537,8 @@ def setup(plan: RunPlan, ddp: Distributed) -> Session:
     log = say if not config.quiet else (lambda *a: None)
     for note in plan.notes:
         say(f"note: {note}")
-    if (warning := cpu_amp_warning(device, config.amp)) is not None:
-        say(f"warning: {warning}")
+    if (amp_note := cpu_amp_note(device, config.amp)) is not None:
+        say(f"note: {amp_note}")
     data = load_data(config, device)
     n_train = len(data["train"][1])
     per_rank = n_train // ddp.world_size  # every rank takes as many steps

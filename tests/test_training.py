@@ -536,8 +536,9 @@ def test_ddp_with_gloo_on_two_processes(tmp_path):
 
 
 @needs_mnist
-@pytest.mark.parametrize("options", [{"amp": "bf16"}, {"compile": True}],
-                         ids=["amp-bf16", "compile"])  # fmt: skip
+@pytest.mark.parametrize("options", [{"amp": "bf16"}, {"compile": True},
+                                     {"amp": "bf16", "compile": True}],
+                         ids=["amp-bf16", "compile", "amp-bf16-compile"])  # fmt: skip
 def test_training_options_smoke(tmp_path, options):
     config = small_config(tmp_path / "run", epochs=1, train_limit=100, val_size=100,
                           test_limit=100, eval_batch_size=100, **options)  # fmt: skip
@@ -545,25 +546,6 @@ def test_training_options_smoke(tmp_path, options):
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     record = epoch_records(tmp_path / "run")[0]
     assert math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])
-
-
-@pytest.mark.parametrize(
-    ("amp", "native", "warns"),
-    [("bf16", set(), True), ("bf16", {"_is_avx512_bf16_supported"}, False),
-     ("bf16", {"_is_amx_tile_supported"}, False), ("fp16", {"_is_avx512_bf16_supported"}, True),
-     ("fp16", {"_is_amx_fp16_supported"}, False), ("off", set(), False)],
-    ids=["bf16-avx2", "bf16-avx512bf16", "bf16-amx", "fp16-avx512bf16", "fp16-amx", "off"],
-)  # fmt: skip
-def test_cpu_amp_warns_without_native_half_precision(monkeypatch, amp, native, warns):
-    from fastcaps.training import cpu_amp_warning
-
-    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
-        monkeypatch.setattr(torch.cpu, check, lambda check=check: check in native, raising=False)
-    warning = cpu_amp_warning(torch.device("cpu"), amp)
-    assert (warning is not None) == warns
-    if warns:
-        assert f"--amp {amp} on a CPU without native support" in warning
-    assert cpu_amp_warning(torch.device("meta"), amp) is None  # not a CPU
 
 
 @needs_fashion
