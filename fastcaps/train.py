@@ -94,7 +94,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="routing backend; None: $FASTCAPS_BACKEND, else auto")  # fmt: skip
     add("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     add("--amp", choices=sorted(AMP_DTYPES), default=d.amp,
-        help="autocast dtype (the routing ops keep float32 accumulation)")  # fmt: skip
+        help="autocast dtype; fastcaps' ops still compute in float32, and on a CPU without "
+        "native support convolutions and matmuls are emulated at float32 speed")  # fmt: skip
     add("--compile", action="store_true", help="torch.compile the model")
     add("--figures", action=argparse.BooleanOptionalAction, default=d.figures,
         help="draw curves.png, reconstructions.png and perturbation.png at the end")  # fmt: skip
