@@ -7,13 +7,16 @@
 # killed at its limit still returns all that finished. Steps:
 #   1. the test suite on CUDA (float16 and bfloat16 included; the CPU cases and the slow ones, CI
 #      runs them, are left out);
-#   2. the static sm_90 model of every Triton kernel beside its measured time (gpu_static --measure);
+#   2. the static sm_90 model of every Triton kernel beside its measured time (gpu_static --measure),
+#      and the same for the kernels before the redesign at the MNIST layer, if carried in
+#      data/fastcaps-181097f (mkdir -p data/fastcaps-181097f && git archive 181097f fastcaps
+#      kernels | tar -x -C data/fastcaps-181097f);
 #   3. two short epochs of each model (CapsNet, Efficient-CapsNet) for the warm time per epoch;
 #   4. the benchmark sweep without torch.compile (about 100 of its 309 cases compile for tens of
 #      seconds each: `bash benchmarks/run_gpu.sh` is the whole sweep), then compiled reference at
 #      the MNIST layer, B = 128, forward + backward, the ratio the README quotes.
 # MNIST is read from $FASTCAPS_DATA, else data/mnist (git-ignored: copy ../shared/mnist there and
-# name it in the lease's carry).
+# name it, and data/fastcaps-181097f, in the lease's carry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
@@ -69,17 +72,22 @@ step() {
 } > "$work/env.txt" 2>&1
 cat "$work/env.txt" | tee -a "$log"
 
-step tests 28 "$py" -m pytest tests -q -n 8 -p no:cacheprovider -m "not slow" -k "not cpu" \
+step tests 25 "$py" -m pytest tests -q -n 8 -p no:cacheprovider -m "not slow" -k "not cpu" \
     -rfEs --durations=15
 baseline=()
 [ -f benchmarks/results/static-sm90/report.json ] && baseline=(--baseline benchmarks/results/static-sm90/report.json)
-step static-sm90 22 "$py" -m benchmarks.gpu_static --measure --out "$work/static-sm90" "${baseline[@]}"
+step static-sm90 20 "$py" -m benchmarks.gpu_static --measure --out "$work/static-sm90" "${baseline[@]}"
+before=data/fastcaps-181097f  # the kernels before the redesign (issue 10), if carried
+if [ -d "$before" ]; then
+    step static-sm90-181097f 8 "$py" -m benchmarks.gpu_static --quick --measure \
+        --fastcaps-from "$before" --out "$work/static-sm90-181097f"
+fi
 for model in paper efficient; do
-    step "train-$model" 12 "$py" train_mnist.py --model "$model" --epochs 2 --train-limit 20000 \
+    step "train-$model" 10 "$py" train_mnist.py --model "$model" --epochs 2 --train-limit 20000 \
         --val-size 2000 --test-limit 2000 --no-figures --log-every 100 \
         --output-dir "$work/train-$model" --overwrite
 done
-step bench-sweep 20 "$py" -m pytest benchmarks/ -q -p no:cacheprovider -k "not reference-compiled" \
+step bench-sweep 17 "$py" -m pytest benchmarks/ -q -p no:cacheprovider -k "not reference-compiled" \
     --benchmark-enable --benchmark-only --benchmark-max-time 0.2 \
     --benchmark-json "$work/benchmarks.json"
 step bench-compiled 100 "$py" -m pytest benchmarks/test_ops.py -q -p no:cacheprovider \
