@@ -371,24 +371,49 @@ def _total(s: dict) -> float:
     return s["forward_us"] + s["backward_us"]
 
 
-def spill_tolerated(scenario: dict) -> bool:
-    """float64 is for tests only; its self-attention backward (one more input, the prior, than
-    dynamic routing) sits at the 255-register ceiling of 8-warp blocks and spills a few bytes
-    (on Triton 3.9: 112 B in the fused layer's backward partial kernel, 8 B in the pairs kernel
-    on a stored u_hat): marked in report.md, not failed. Every other spill is a problem."""
-    return scenario["dtype"] == "float64" and scenario["op"] in ATTENTION_ROUTING_OPS
+# Spills that Triton 3.6 (the lent H100's toolchain) makes and 3.9 does not, tolerated up to
+# these bytes per (dtype, kernel): the float32 forward partial kernel at 64 samples per program
+# (40 B; 32 samples per program is spill-free but modelled slower, MNIST B=128 forward 117.2 ->
+# 136.5 us, and makes bfloat16 spill 216-240 B; fewer or more pipeline stages spill more) and the
+# pairs kernel of 1-pass TF32 (8 B). Triton 3.6 spills in float64 variants as well (tests only).
+TRITON_36_SPILLS = {
+    ("float32", "routing_forward_partial_kernel"): 40,
+    ("float32", "routing_backward_pairs_kernel"): 8,
+}
 
 
-def problems(scenarios: list[dict]) -> list[str]:
-    """What the checks object to: spills, unmatched loops, no tensor-core instruction in a
-    half-precision routing kernel, and kernels over 10 us with under one wave at B = 32."""
+def _triton_before(version: str, major: int, minor: int) -> bool:
+    parts = [int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit()]
+    return len(parts) == 2 and tuple(parts) < (major, minor)
+
+
+def spill_tolerated(scenario: dict, launch: dict, triton_version: str) -> bool:
+    """Whether a spill of ``launch`` is marked in report.md but not failed. float64 is for tests
+    only; its self-attention backward (one more input, the prior, than dynamic routing) sits at
+    the 255-register ceiling of 8-warp blocks and spills a few bytes (on Triton 3.9: 112 B in the
+    fused layer's backward partial kernel, 8 B in the pairs kernel on a stored u_hat). Under
+    Triton 3.6, every float64 spill and those of ``TRITON_36_SPILLS``. Every other spill is a
+    problem."""
+    dtype = scenario["dtype"]
+    if dtype == "float64" and scenario["op"] in ATTENTION_ROUTING_OPS:
+        return True
+    if _triton_before(triton_version, 3, 7):
+        allowed = TRITON_36_SPILLS.get((dtype, launch["kernel"]), 0)
+        return dtype == "float64" or launch["local_bytes"] <= allowed
+    return False
+
+
+def problems(scenarios: list[dict], triton_version: str) -> list[str]:
+    """What the checks object to: spills (but for ``spill_tolerated``), unmatched loops, no
+    tensor-core instruction in a half-precision routing kernel, and kernels over 10 us with under
+    one wave at B = 32."""
     found = []
     for s in scenarios:
         if s["provider"] != "triton":
             continue
         where = f"{s['op']} {s['layer']['id']} {s['dtype']}"
         for r in s["launches"]:
-            if r["spills"] and not spill_tolerated(s):
+            if r["spills"] and not spill_tolerated(s, r, triton_version):
                 found.append(f"{where}: {r['kernel']} spills ({r['local_bytes']} B local memory)")
             # float64 is for tests only: its timing model may stay unmatched (ptxas versions
             # some of its loops); its spills may not, but for spill_tolerated
@@ -512,9 +537,18 @@ def write_report(data: dict, out: Path) -> Path:
                 row += f" {_fmt(got) if got is not None else ''} |"
             lines.append(row)
         lines.append("")
-    found = problems(scenarios)
+    found = problems(scenarios, data["triton"])
+    tolerated = [
+        f"- tolerated (see `spill_tolerated`): {s['op']} {s['layer']['id']} {s['dtype']}: "
+        f"{r['kernel']} spills {r['local_bytes']} B"
+        for s in scenarios if s["provider"] == "triton" for r in s["launches"]
+        if r["spills"] and spill_tolerated(s, r, data["triton"])
+    ]  # fmt: skip
     lines += ["## Checks", ""]
-    lines += [f"- {p}" for p in found] or ["- no spills, every loop matched, every check passed"]
+    lines += [f"- {p}" for p in found] or [
+        "- every check passed" + ("" if tolerated else ": no spills, every loop matched")
+    ]
+    lines += tolerated
     lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
@@ -690,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _atomic_write(args.out / "report.json", json.dumps(data, default=str))
     path = write_report(data, args.out)
-    found = problems(scenarios)
+    found = problems(scenarios, triton.__version__)
     print(f"wrote {path} and report.json; {len(found)} problem(s)")
     for p in found:
         print("  " + p)

@@ -25,7 +25,7 @@ def squash_forward(s: Tensor, eps: float, exp: bool = False) -> Tensor:
     s2 = _rows(s)
     v = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
     if s2.numel():
-        launch = vector_launch(*s2.shape, s.dtype)
+        launch = vector_launch(*s2.shape)
         squash_forward_kernel[launch.grid](
             s2, v, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1), eps, EXP=exp,
             COMPUTE_DTYPE=compute_dtype(s.dtype), BLOCK_ROWS=launch.block_rows,
@@ -41,7 +41,7 @@ def squash_backward(s: Tensor, grad_v: Tensor, eps: float, exp: bool = False) ->
     s2, g2 = _rows(s), _rows(grad_v)
     grad_s = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
     if s2.numel():
-        launch = vector_launch(*s2.shape, s.dtype)
+        launch = vector_launch(*s2.shape)
         squash_backward_kernel[launch.grid](
             s2, g2, grad_s, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1),
             g2.stride(0), g2.stride(1), eps, EXP=exp, COMPUTE_DTYPE=compute_dtype(s.dtype),
