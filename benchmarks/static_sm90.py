@@ -101,9 +101,10 @@ FP64 = {"DFMA", "DADD", "DMUL", "DSETP", "DMNMX"}
 TENSOR = {"HMMA", "HGMMA", "DMMA", "IMMA", "BMMA", "QGMMA", "IGMMA"}
 SFU = {"MUFU", "F2F", "I2F", "F2I", "I2FP", "F2IP"}
 LOADS = {"LDG", "LDS", "LDL", "LDSM", "LD", "LDGSTS", "UTMALDG"}
-STORES = {"STG", "STS", "STL", "ST", "UTMASTG"}
+STORES = {"STG", "STS", "STL", "ST", "STSM", "UTMASTG"}
 ATOMICS = {"ATOM", "ATOMG", "ATOMS", "RED", "REDG"}
 SHUFFLES = {"SHFL"}
+MATRIX_MOVES = {"LDSM", "STSM"}  # ldmatrix / stmatrix
 CONTROL = {"BRA", "EXIT", "BSSY", "BSYNC", "NOP", "WARPSYNC", "RET", "CALL", "JMP", "YIELD"}
 BARRIERS = {"BAR", "MEMBAR", "FENCE", "DEPBAR", "ERRBAR", "CCTL"}
 
@@ -136,7 +137,11 @@ class Instruction:
 
     @property
     def access_bytes(self) -> int:
-        """Bytes per lane of a memory access (4 unless the opcode says otherwise)."""
+        """Bytes per lane of a memory access (4 unless the opcode says otherwise). ldmatrix and
+        stmatrix (``LDSM.16.M88.4``) move 128 bytes per warp for each of their 1, 2 or 4 8x8
+        matrices of 16-bit values: 4 bytes per lane per matrix."""
+        if self.opcode in MATRIX_MOVES:
+            return 4 * next((int(m) for m in self.modifiers if m in ("2", "4")), 1)
         for m in self.modifiers:
             if m in ("128", "64", "32"):
                 return int(m) // 8

@@ -113,6 +113,26 @@ def test_spills_tolerated_under_triton_36_only_up_to_their_limit(
     assert spill_tolerated(scenario, launch, version) is tolerated
 
 
+def test_problems_lists_tolerated_spills_apart_from_the_failures():
+    from benchmarks.gpu_static import problems
+
+    def launch(kernel: str, spilled: int) -> dict:
+        return dict(kernel=kernel, local_bytes=spilled, spills=True, loops_matched=True,
+                    constexprs={}, tensor_instructions=0, time_us=1.0, programs=132)  # fmt: skip
+
+    scenario = {"provider": "triton", "op": "capsule_routing", "dtype": "float32",
+                "layer": {"id": "mnist-B128", "B": 128},
+                "launches": [launch("routing_forward_partial_kernel", 40),
+                             launch("routing_backward_partial_kernel", 8)]}  # fmt: skip
+    tolerated: list[str] = []
+    found = problems([scenario], "3.6.0", tolerated)
+    assert found == ["capsule_routing mnist-B128 float32: routing_backward_partial_kernel spills "
+                     "(8 B local memory)"]  # fmt: skip
+    assert tolerated == ["capsule_routing mnist-B128 float32: routing_forward_partial_kernel "
+                         "spills 40 B"]  # fmt: skip
+    assert problems([scenario], "3.6.0") == found  # without the list: the same failures
+
+
 def _gpu_session(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "benchmarks/gpu_session.sh", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -70,6 +70,12 @@ def test_instruction_classes_and_widths():
     assert by_op["SHFL"].category == "SHFL" and by_op["SHFL"].pipe == "lsu"
     assert by_op["FFMA"].pipe == "fp32" and by_op["EXIT"].pipe == "dispatch"
     assert by_op["HMMA"].tensor_kind_and_fma() == ("bf16", 16 * 8 * 16)
+    ldmatrix = ((("16", "M88"), 1), (("16", "M88", "2"), 2), (("16", "MT88", "4"), 4))
+    for modifiers, cycles in ldmatrix:
+        matrices = Instruction(0, "LDSM", modifiers, "")  # 128 bytes per warp per 8x8 matrix
+        assert matrices.lsu_cycles == cycles and matrices.category == f"LDSM.{32 * cycles}"
+    stmatrix = Instruction(0, "STSM", ("16", "M88", "4"), "")
+    assert stmatrix.pipe == "lsu" and stmatrix.lsu_cycles == 4 and stmatrix.category == "STSM.128"
     wgmma = Instruction(0, "HGMMA", ("64x128x16", "F32", "BF16"), "")
     assert wgmma.tensor_kind_and_fma() == ("bf16-wgmma", 64 * 128 * 16 // 4)
 
