@@ -625,6 +625,12 @@ def _run_case(job: tuple) -> list[dict]:
     """One case of the report: the Triton scenario and, when asked, the torch backend's."""
     op, layer, dtype, options, with_torch, fastcaps_from = job
     _use_fastcaps_from(fastcaps_from)
+    from fastcaps.backend import _TRITON_OPS, load_triton_ops
+
+    load_triton_ops()
+    if op not in _TRITON_OPS:  # an older checkout (--fastcaps-from) without this op
+        print(f"{op}: not in {fastcaps_from or 'this checkout'}, skipped", flush=True)
+        return []
     print(f"{op} {layer.id} {dtype} {options or ''}", flush=True)
     found = [model_scenario(op, layer, dtype, **options)]
     if with_torch:

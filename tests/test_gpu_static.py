@@ -133,6 +133,22 @@ def test_problems_lists_tolerated_spills_apart_from_the_failures():
     assert problems([scenario], "3.6.0") == found  # without the list: the same failures
 
 
+def test_a_case_an_older_checkout_lacks_is_skipped(monkeypatch, capsys):
+    """--fastcaps-from an older commit (the report's "before" column): ops added since then are
+    left out of its report instead of failing it."""
+    import fastcaps.backend
+    from benchmarks.gpu_static import _run_case, mnist
+
+    load_triton_ops = fastcaps.backend.load_triton_ops
+    load_triton_ops()
+    older = {k: v for k, v in fastcaps.backend._TRITON_OPS.items() if k != "exp_squash"}
+    assert "squash" in older
+    monkeypatch.setattr(fastcaps.backend, "_TRITON_OPS", older)
+    monkeypatch.setattr(fastcaps.backend, "load_triton_ops", lambda: None)
+    assert _run_case(("exp_squash", mnist(32), "float32", {}, False, None)) == []
+    assert "exp_squash: not in this checkout, skipped" in capsys.readouterr().out
+
+
 def _gpu_session(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "benchmarks/gpu_session.sh", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
