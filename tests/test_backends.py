@@ -103,6 +103,33 @@ def test_triton_tiling_paths_match_reference(device, path, detach_logits, iterat
         assert_close(g, e, torch.float64, f"grad {name}")
 
 
+# The pairs kernel's float32 grad u over parent groups of 128 columns or more (8 parents of 16
+# dims) runs as 4 batched dots whose sum is taken after (``_contract_group``, SPLIT_K): here
+# with all 10 parents in one pass (groups of 8 + 2) and in chunks of 8 parents.
+SPLIT_GRAD_U_PATHS = {
+    "groups-8-2": dict(capsules_per_slice=3),
+    "parent-chunks-of-8": dict(parent_chunks=2, chunk_parents=8, capsules_per_slice=3),
+}
+
+
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+@pytest.mark.parametrize("iterations", [2, 3], ids=lambda r: f"R{r}")
+@pytest.mark.parametrize("path", SPLIT_GRAD_U_PATHS)
+def test_triton_split_grad_u_matches_reference(device, path, iterations):
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    from fastcaps.triton_launch import override_routing_plan, routing_plan, store_coefficients
+
+    shape = Shape(20, 7, 10, 16, 8)
+    with override_routing_plan(**SPLIT_GRAD_U_PATHS[path]):
+        plan = routing_plan(shape.B, shape.Nin, shape.Nout, shape.Dout, shape.Din,
+                            torch.float32, device)  # fmt: skip
+        # the conditions of the split: a wide float32 group and stored coefficients
+        assert plan.ja * plan.dp >= 128 and store_coefficients(iterations, shape.Dout)
+        u, weight, bias = make_layer_inputs(shape, torch.float32, device, bias=True)
+        check_capsule_routing("triton", u, weight, bias, iterations, False, torch.float32, path)
+
+
 @pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
 @pytest.mark.parametrize("iterations", [1, 3], ids=lambda r: f"R{r}")
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: s.id)
