@@ -19,6 +19,11 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _dense(d: int, block_d: int, *views: Tensor) -> bool:
+    """Whether every [rows, D] view is contiguous with D a power of two (the kernels' DENSE)."""
+    return d == block_d and all(v.stride(1) == 1 and v.stride(0) == d for v in views)
+
+
 def squash_forward(s: Tensor, eps: float, exp: bool = False) -> Tensor:
     """squash (or with ``exp`` exp_squash, eps unused) over the last dim of any shape; output
     contiguous, in s's dtype."""
@@ -28,8 +33,8 @@ def squash_forward(s: Tensor, eps: float, exp: bool = False) -> Tensor:
         launch = vector_launch(*s2.shape)
         squash_forward_kernel[launch.grid](
             s2, v, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1), eps, EXP=exp,
-            COMPUTE_DTYPE=compute_dtype(s.dtype), BLOCK_ROWS=launch.block_rows,
-            BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+            DENSE=_dense(s2.shape[1], launch.block_d, s2), COMPUTE_DTYPE=compute_dtype(s.dtype),
+            BLOCK_ROWS=launch.block_rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
             **COMPILER_OPTIONS,
         )  # fmt: skip
     return v.view(s.shape)
@@ -42,10 +47,12 @@ def squash_backward(s: Tensor, grad_v: Tensor, eps: float, exp: bool = False) ->
     grad_s = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
     if s2.numel():
         launch = vector_launch(*s2.shape)
+        dense = _dense(s2.shape[1], launch.block_d, s2, g2)
         squash_backward_kernel[launch.grid](
             s2, g2, grad_s, s2.shape[0], s2.shape[1], s2.stride(0), s2.stride(1),
-            g2.stride(0), g2.stride(1), eps, EXP=exp, COMPUTE_DTYPE=compute_dtype(s.dtype),
-            BLOCK_ROWS=launch.block_rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+            g2.stride(0), g2.stride(1), eps, EXP=exp, DENSE=dense,
+            COMPUTE_DTYPE=compute_dtype(s.dtype), BLOCK_ROWS=launch.block_rows,
+            BLOCK_D=launch.block_d, num_warps=launch.num_warps,
             **COMPILER_OPTIONS,
         )  # fmt: skip
     return grad_s.view(s.shape)

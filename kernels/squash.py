@@ -12,16 +12,32 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_block(pid, n_rows, d, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_block(pid, n_rows, d, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+               DENSE: tl.constexpr):  # fmt: skip
+    """Rows [BLOCK_ROWS] and columns [BLOCK_D] (int64) of a program, the mask of the
+    [BLOCK_ROWS, BLOCK_D] block and its offsets in the contiguous output. DENSE (d == BLOCK_D):
+    the mask is the rows' only, and the offsets are multiples of BLOCK_D that the compiler can
+    see, so a thread loads and stores whole vectors and the per-row math is spread over few
+    lanes (with a runtime d, each row's scalars were computed by all 8 lanes of its row)."""
     rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < d)
-    return rows, cols, mask
+    if DENSE:
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < BLOCK_D)
+        out_offsets = rows[:, None] * BLOCK_D + cols[None, :]
+    else:
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < d)
+        out_offsets = rows[:, None] * d + cols[None, :]
+    return rows, cols, mask, out_offsets
 
 
 @triton.jit
-def _load_block(ptr, rows, cols, mask, stride_row, stride_col, COMPUTE_DTYPE: tl.constexpr):
-    offsets = rows[:, None] * stride_row + cols[None, :] * stride_col
+def _load_block(ptr, rows, cols, mask, out_offsets, stride_row, stride_col,
+                COMPUTE_DTYPE: tl.constexpr, DENSE: tl.constexpr):  # fmt: skip
+    """A [BLOCK_ROWS, BLOCK_D] block of a [rows, D] view (DENSE: laid out like the output)."""
+    if DENSE:
+        offsets = out_offsets
+    else:
+        offsets = rows[:, None] * stride_row + cols[None, :] * stride_col
     return tl.load(ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
 
 
@@ -146,15 +162,19 @@ def squash_forward_kernel(
     stride_s_col,
     eps,
     EXP: tl.constexpr,
+    DENSE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """v = squash(s), or with EXP exp_squash(s) (eps unused)."""
-    rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
-    s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
+    """v = squash(s), or with EXP exp_squash(s) (eps unused). DENSE: s is contiguous with
+    d == BLOCK_D."""
+    rows, cols, mask, out_offsets = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D,
+                                               DENSE)  # fmt: skip
+    s = _load_block(s_ptr, rows, cols, mask, out_offsets, stride_s_row, stride_s_col,
+                    COMPUTE_DTYPE, DENSE)  # fmt: skip
     v = squash_rows(s, eps, EXP)
-    tl.store(v_ptr + rows[:, None] * d + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + out_offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -170,16 +190,20 @@ def squash_backward_kernel(
     stride_g_col,
     eps,
     EXP: tl.constexpr,
+    DENSE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """grad s of squash, or with EXP of exp_squash (the identity at s = 0; eps unused)."""
-    rows, cols, mask = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D)
-    s = _load_block(s_ptr, rows, cols, mask, stride_s_row, stride_s_col, COMPUTE_DTYPE)
-    grad_v = _load_block(grad_v_ptr, rows, cols, mask, stride_g_row, stride_g_col, COMPUTE_DTYPE)
+    """grad s of squash, or with EXP of exp_squash (the identity at s = 0; eps unused). DENSE:
+    s and grad v are contiguous with d == BLOCK_D."""
+    rows, cols, mask, out_offsets = _row_block(tl.program_id(0), n_rows, d, BLOCK_ROWS, BLOCK_D,
+                                               DENSE)  # fmt: skip
+    s = _load_block(s_ptr, rows, cols, mask, out_offsets, stride_s_row, stride_s_col,
+                    COMPUTE_DTYPE, DENSE)  # fmt: skip
+    grad_v = _load_block(grad_v_ptr, rows, cols, mask, out_offsets, stride_g_row, stride_g_col,
+                         COMPUTE_DTYPE, DENSE)  # fmt: skip
     grad_s = squash_rows_backward(s, grad_v, eps, EXP)
-    out_offsets = rows[:, None] * d + cols[None, :]
     tl.store(grad_s_ptr + out_offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
 
 
