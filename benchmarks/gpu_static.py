@@ -84,8 +84,13 @@ def _per_slice(a: dict) -> float:
     return a["n_in"] / _cdiv(a["n_in"], a["capsules_per_slice"])
 
 
+def _blocks_per_chunk(a: dict) -> int:
+    """Sample blocks a program of a batch-chunked kernel walks."""
+    return _cdiv(_cdiv(a["batch"], a["BLOCK_B"]), a["chunks"])
+
+
 def _pairs_trips(a: dict) -> list[float]:
-    blocks = _cdiv(_cdiv(a["batch"], a["BLOCK_B"]), a["chunks"])
+    blocks = _blocks_per_chunk(a)
     if a["LAST_ONLY"]:
         # the zero-fill loop runs only in slice 0 programs: count its average per program
         slices = _cdiv(a["n_in"], a["capsules_per_slice"])
@@ -116,7 +121,9 @@ LOOP_TRIPS = {
     ),
     "routing_softmax_stats_kernel": lambda a: [_per_slice(a), a["parent_chunks"]],
     "routing_output_grad_kernel": lambda a: [a["iterations"] - 1] if a["DETACHED"] else [],
-    "predictions_forward_kernel": lambda a: [],
+    # the capsule loop; the predictions forward kernel of commit 181097f has no loop
+    "predictions_forward_kernel": lambda a: [_per_slice(a)] if "capsules_per_slice" in a else [],
+    "predictions_backward_kernel": lambda a: [_blocks_per_chunk(a), _per_slice(a)],
     "predictions_grad_input_kernel": lambda a: [],
     "predictions_grad_weight_kernel": _grad_weight_trips,
     "squash_forward_kernel": lambda a: [],

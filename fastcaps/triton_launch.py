@@ -101,40 +101,6 @@ def vector_launch(n_rows: int, d: int) -> RowLaunch:
     return row_launch(n_rows, d, max_elements=2048, per_thread=8)
 
 
-@dataclass(frozen=True)
-class PairTiles:
-    """Settings for kernels whose programs hold [block_i, block_j, block_d] tiles of u_hat: a
-    few input capsules times every (parent, dim) pair, padded to powers of two and masked."""
-
-    block_i: int
-    block_j: int
-    block_d: int
-    num_warps: int
-
-    def tiles(self, n_in: int) -> int:
-        return triton.cdiv(n_in, self.block_i)
-
-
-def pair_tiles(n_in: int, n_out: int, d_out: int, elements: int = 4096) -> PairTiles:
-    """About ``elements`` tile elements per program (by default 4K, on the MNIST layer 16
-    capsules x 16 parents x 16 dims), at least one whole capsule row."""
-    block_j = triton.next_power_of_2(n_out)
-    block_d = triton.next_power_of_2(d_out)
-    per_capsule = block_j * block_d
-    block_i = max(1, min(triton.next_power_of_2(max(n_in, 1)), elements // per_capsule))
-    num_warps = 8 if block_i * per_capsule >= 4096 else 4
-    return PairTiles(block_i, block_j, block_d, num_warps)
-
-
-def batch_chunks(batch: int, n_tiles: int, max_chunks: int | None = None) -> int:
-    """Samples per program for reductions over the batch (grad weight): enough programs to fill a
-    GPU (about 512), as few partial sums as that allows, at most ``max_chunks`` of them."""
-    chunks = max(1, min(batch, triton.cdiv(512, max(n_tiles, 1))))
-    if max_chunks is not None:
-        chunks = max(1, min(chunks, max_chunks))
-    return triton.cdiv(batch, chunks)
-
-
 # ----------------------------------------------------------------------------------------------
 # routing
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +328,31 @@ def routing_plan(
         kp = max(triton.next_power_of_2(d_in), min_dot_k(operand))
         tilings[name] = replace(tiling, kp=kp, precision=precision)
     return RoutingPlan(**tilings, ja=ja, jb=jb, dp=dp)
+
+
+def predictions_plan(
+    batch: int, n_in: int, n_out: int, d_out: int, d_in: int, dtype: torch.dtype, device
+) -> RoutingPlan:
+    """The tiling of the predictions kernels: the routing forward kernels' for the forward, the
+    pairs kernel's for the backward but with larger sample blocks, since the backward holds only
+    grad u_hat's, the weight's and u's tiles: 32 samples for float32 (at B = 32 the pairs
+    tiling's 16 with 4 warps spills under Triton 3.6; a batch of one such block is split over
+    twice the capsule slices to fill a wave), 64 for half inputs (modelled MNIST B=128
+    bfloat16 backward 37.8 -> 20.1 us; float32 with 64 would take 255 registers)."""
+    plan = routing_plan(batch, n_in, n_out, d_out, d_in, dtype, device)
+    block_b = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}.get(dtype)
+    if block_b and not _PLAN_OVERRIDES.get("block_b"):
+        target = _PLAN_OVERRIDES.get("programs") or multiprocessors(torch.device(device))
+        pairs = _pairs_tiling(batch, n_in, n_out, d_out, d_in, block_b, 4, target,
+                              plan.parent_chunks)  # fmt: skip
+        if pairs.sample_blocks == 1 and pairs.programs < target:
+            # one sample block (B = 32): twice the slices, so that the grid fills a wave
+            pairs = _pairs_tiling(batch, n_in, n_out, d_out, d_in, block_b, 4, 2 * target,
+                                  plan.parent_chunks)  # fmt: skip
+        old = plan.pairs
+        pairs = replace(pairs, dot_dtype=old.dot_dtype, kp=old.kp, precision=old.precision)
+        plan = replace(plan, pairs=pairs)
+    return plan
 
 
 def store_coefficients(iterations: int, d_out: int) -> bool:

@@ -12,67 +12,68 @@ from torch import Tensor
 
 from fastcaps import reference
 from fastcaps.backend import register_triton_op
-from fastcaps.kernels.predictions import (
-    predictions_forward_kernel,
-    predictions_grad_input_kernel,
-    predictions_grad_weight_kernel,
-)
+from fastcaps.kernels.predictions import predictions_backward_kernel, predictions_forward_kernel
 from fastcaps.torch_backend import graph_grads
-from fastcaps.triton_launch import COMPILER_OPTIONS, batch_chunks, compute_dtype, pair_tiles
+from fastcaps.triton_launch import compute_dtype, predictions_plan
 
 
 def predictions_forward(u: Tensor, weight: Tensor) -> Tensor:
-    """u_hat, contiguous, in u's dtype (fp32 accumulation; fp64 for float64)."""
+    """u_hat, contiguous, in u's dtype (fp32 accumulation; fp64 for float64), tiled like the
+    routing forward kernels (``triton_launch.predictions_plan``)."""
     batch, n_in, d_in = u.shape
     _, n_out, d_out, _ = weight.shape
     u_hat = u.new_empty(batch, n_in, n_out, d_out)
     if u_hat.numel():
-        tiles = pair_tiles(n_in, n_out, d_out)
-        predictions_forward_kernel[(tiles.tiles(n_in) * batch,)](
-            u, weight, u_hat, n_in, n_out, d_out, *u.stride(), *weight.stride(),
-            DIN=d_in, COMPUTE_DTYPE=compute_dtype(u.dtype), BLOCK_I=tiles.block_i,
-            BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-            **COMPILER_OPTIONS,
+        plan = predictions_plan(batch, n_in, n_out, d_out, d_in, u.dtype, u.device)
+        tiling = plan.forward
+        predictions_forward_kernel[(tiling.programs,)](
+            u, weight, u_hat, batch, n_in, n_out, d_out, tiling.capsules_per_slice,
+            plan.parent_chunks, *u.stride(), *weight.stride(), DIN=d_in,
+            COMPUTE_DTYPE=compute_dtype(u.dtype), **plan.kernel_options(tiling),
         )  # fmt: skip
     return u_hat
 
 
-def predictions_grad_input(grad_u_hat: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad u [B, Nin, Din] in ``dtype`` from grad u_hat [B, Nin, Nout, Dout] (any strides)."""
-    batch, n_in, n_out, d_out = grad_u_hat.shape
-    d_in = weight.shape[-1]
-    grad_u = grad_u_hat.new_empty(batch, n_in, d_in, dtype=dtype)
-    if grad_u.numel():
-        tiles = pair_tiles(n_in, n_out, d_out)
-        predictions_grad_input_kernel[(tiles.tiles(n_in) * batch,)](
-            grad_u_hat, weight, grad_u, n_in, n_out, d_out, *grad_u_hat.stride(), *weight.stride(),
-            DIN=d_in, COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_I=tiles.block_i,
-            BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-            **COMPILER_OPTIONS,
-        )  # fmt: skip
-    return grad_u
-
-
-def predictions_grad_weight(grad_u_hat: Tensor, u: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad weight [Nin, Nout, Dout, Din] in ``dtype``: a deterministic sum over the batch
-    (per-chunk partial sums in the compute dtype, then one sum over the chunks)."""
+def predictions_backward(
+    grad_u_hat: Tensor, u: Tensor, weight: Tensor, need_u: bool, need_weight: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(grad u [B, Nin, Din] in u's dtype, grad weight [Nin, Nout, Dout, Din] in the weight's)
+    from grad u_hat [B, Nin, Nout, Dout] (any strides), each None when not needed; one read of
+    grad u_hat for both. grad weight is a deterministic sum over the batch (per-chunk partial
+    sums in the compute dtype, then one sum over the chunks)."""
     batch, n_in, n_out, d_out = grad_u_hat.shape
     d_in = u.shape[-1]
-    if batch == 0:
-        return grad_u_hat.new_zeros(n_in, n_out, d_out, d_in, dtype=dtype)
-    tiles = pair_tiles(n_in, n_out, d_out)
-    per_chunk = batch_chunks(batch, tiles.tiles(n_in))
-    chunks = -(-batch // per_chunk)
-    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    partial = u.new_empty(chunks, n_in, n_out, d_out, d_in, dtype=work_dtype)
-    predictions_grad_weight_kernel[(tiles.tiles(n_in) * chunks,)](
-        grad_u_hat, u, partial, batch, n_in, n_out, d_out, per_chunk,
-        *grad_u_hat.stride(), *u.stride(),
-        DIN=d_in, COMPUTE_DTYPE=compute_dtype(dtype), BLOCK_I=tiles.block_i,
-        BLOCK_J=tiles.block_j, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-            **COMPILER_OPTIONS,
+    work = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if batch == 0 or not (need_u or need_weight):
+        return (
+            torch.empty(u.shape, dtype=u.dtype, device=u.device) if need_u else None,
+            torch.zeros(weight.shape, dtype=weight.dtype, device=u.device) if need_weight else None,
+        )
+    plan = predictions_plan(batch, n_in, n_out, d_out, d_in, u.dtype, u.device)
+    tiling = plan.pairs
+    grad_u = grad_weight = None
+    if need_u:
+        grad_u = (
+            u.new_empty(plan.parent_chunks, *u.shape, dtype=work)  # summed over the chunks after
+            if plan.chunked
+            else torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        )
+    if need_weight:
+        grad_weight = u.new_empty(tiling.chunks, *weight.shape, dtype=work)
+    present = grad_u if grad_u is not None else grad_weight
+    predictions_backward_kernel[(tiling.programs,)](
+        grad_u_hat, u, weight, *(t if t is not None else present for t in (grad_u, grad_weight)),
+        batch, n_in, n_out, d_out, tiling.capsules_per_slice, tiling.blocks_per_chunk,
+        tiling.chunks, plan.parent_chunks, *grad_u_hat.stride(), *u.stride(), *weight.stride(),
+        NEED_U=need_u, NEED_W=need_weight, CHUNKED=plan.chunked, DIN=d_in,
+        COMPUTE_DTYPE=compute_dtype(u.dtype), **plan.kernel_options(tiling),
     )  # fmt: skip
-    return partial.sum(dim=0).to(dtype)
+    if grad_u is not None and plan.chunked:
+        grad_u = grad_u.sum(dim=0).to(u.dtype)
+    if grad_weight is not None:
+        total = grad_weight[0] if grad_weight.shape[0] == 1 else grad_weight.sum(dim=0)
+        grad_weight = total.to(weight.dtype)
+    return grad_u, grad_weight
 
 
 @torch.library.custom_op("fastcaps::predictions", mutates_args=())
@@ -91,11 +92,11 @@ def predictions_backward_op(
     grad_u_hat: Tensor, u: Tensor, weight: Tensor, need_u: bool, need_weight: bool
 ) -> tuple[Tensor, Tensor]:
     """(grad u, grad weight); the ones not needed come back empty, uncomputed."""
-    grad_u = predictions_grad_input(grad_u_hat, weight, u.dtype) if need_u else u.new_empty(0)
-    grad_weight = (
-        predictions_grad_weight(grad_u_hat, u, weight.dtype) if need_weight else weight.new_empty(0)
+    grad_u, grad_weight = predictions_backward(grad_u_hat, u, weight, need_u, need_weight)
+    return (
+        grad_u if grad_u is not None else u.new_empty(0),
+        grad_weight if grad_weight is not None else weight.new_empty(0),
     )
-    return grad_u, grad_weight
 
 
 @predictions_backward_op.register_fake

@@ -1,80 +1,33 @@
-"""Prediction vectors ``u_hat[b, i, j, :] = weight[i, j] @ u[b, i]`` and their gradients.
+"""Prediction vectors ``u_hat[b, i, j, :] = weight[i, j] @ u[b, i]`` and their gradients, on the
+routing kernels' tiles (``fastcaps.kernels.routing``).
 
-The per-pair transform is tiny (Dout x Din, 16 x 8 on MNIST), far below a tensor-core tile, so
-the kernels do not use ``tl.dot``: a program owns a tile of BLOCK_I input capsules times all
-(parent, dim) outputs, ``[BLOCK_I, BLOCK_J, BLOCK_D]``, and accumulates it in COMPUTE_DTYPE as
-Din fused multiply-adds (``DIN`` is a constexpr, so the loop is unrolled). The weight tile is the
-same for every sample and stays in L1/L2 while a program walks its samples.
+A program owns a block of BLOCK_B samples and a slice of consecutive input capsules. For each
+capsule it forms the [BLOCK_B, parents x Dout] tile of all its samples as one matrix product on
+``tl.dot``, ``U_i [BLOCK_B, Din] @ W_i^T [Din, Nout * Dout]`` (Din padded to the dot's minimum K
+with zeros, float32 accumulation, bfloat16/float16 on the tensor cores), so the samples share one
+read of the weight tile. The backward reads each tile of grad u_hat once and contracts it into
+both gradients, ``grad u_i = G_i @ W_i`` and ``grad W_i += G_i^T @ U_i``. The parents are the
+routing kernels' two power-of-two groups (Nout = 10 runs as 8 + 2) or, when there are too many
+for the registers, chunks of JA parents, one chunk per program.
 
-grad weight is reduced over the batch without atomics: each program sums a chunk of samples into
-its own slot of a ``[chunks, Nin, Nout, Dout, Din]`` buffer, and the host sums the chunks, so the
-result is deterministic.
+grad weight is reduced over the batch without atomics: the programs of a batch chunk walk its
+sample blocks and accumulate into the chunk's slot of a ``[chunks, Nin, Nout, Dout, Din]``
+buffer, which the host sums, so the result is deterministic. With chunked parents each chunk's
+part of grad u goes to its own slot of ``[parent chunks, B, Nin, Din]``, likewise summed.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def pair_tile_offsets(
-    i0, n_in, n_out, d_out, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """Input-capsule rows i [BLOCK_I], parents j [BLOCK_J], dims d [BLOCK_D] (int64), and the
-    [BLOCK_I, BLOCK_J, BLOCK_D] mask of the valid ones."""
-    i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
-    j = tl.arange(0, BLOCK_J).to(tl.int64)
-    d = tl.arange(0, BLOCK_D).to(tl.int64)
-    mask = (i < n_in)[:, None, None] & (j < n_out)[None, :, None] & (d < d_out)[None, None, :]
-    return i, j, d, mask
-
-
-@triton.jit
-def _tile_of_program(n_in, BLOCK_I: tl.constexpr):
-    """A 1-D grid of (Nin tiles) x (samples or chunks), tiles fastest: this program's sample (or
-    chunk) and its first input capsule, both int64. (A 1-D grid has no 65,535 limit.)"""
-    pid = tl.program_id(0)
-    tiles = tl.cdiv(n_in, BLOCK_I)
-    return tl.cast(pid // tiles, tl.int64), tl.cast(pid % tiles, tl.int64) * BLOCK_I
-
-
-@triton.jit
-def tile_offsets(i, j, d, stride_i, stride_j, stride_d):
-    """Offsets of a [BLOCK_I, BLOCK_J, BLOCK_D] tile of a tensor with the given strides."""
-    return i[:, None, None] * stride_i + j[None, :, None] * stride_j + d[None, None, :] * stride_d
-
-
-@triton.jit
-def prediction_tile(
-    u_ptr,
-    w_ptr,
-    b,
-    i,
-    j,
-    d,
-    mask,
-    stride_u_b,
-    stride_u_i,
-    stride_u_k,
-    stride_w_i,
-    stride_w_j,
-    stride_w_d,
-    stride_w_k,
-    n_in,
-    DIN: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """u_hat[b, i, j, d] for a tile, computed from u and weight (zero outside the mask)."""
-    acc = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)
-    w_offsets = tile_offsets(i, j, d, stride_w_i, stride_w_j, stride_w_d)
-    u_row = u_ptr + b * stride_u_b + i * stride_u_i
-    for k in tl.static_range(DIN):
-        u_k = tl.load(u_row + k * stride_u_k, mask=i < n_in, other=0.0).to(COMPUTE_DTYPE)
-        w_k = tl.load(w_ptr + w_offsets + k * stride_w_k, mask=mask, other=0.0)
-        acc += u_k[:, None, None] * w_k.to(COMPUTE_DTYPE)
-    return acc
+from fastcaps.kernels.routing import (
+    _batch_chunk_program,
+    _contract_group,
+    _grad_weight_tiles,
+    _group,
+    _program_block,
+    _sample_block,
+    _u_hat_group,
+)
 
 
 @triton.jit
@@ -82,105 +35,97 @@ def predictions_forward_kernel(
     u_ptr,
     w_ptr,
     u_hat_ptr,
-    n_in,
-    n_out,
-    d_out,
-    stride_u_b,
-    stride_u_i,
-    stride_u_k,
-    stride_w_i,
-    stride_w_j,
-    stride_w_d,
-    stride_w_k,
-    DIN: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Grid (Nin tiles * B,): writes a contiguous u_hat [B, Nin, Nout, Dout]."""
-    b, i0 = _tile_of_program(n_in, BLOCK_I)
-    i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
-    u_hat = prediction_tile(
-        u_ptr, w_ptr, b, i, j, d, mask, stride_u_b, stride_u_i, stride_u_k,
-        stride_w_i, stride_w_j, stride_w_d, stride_w_k, n_in,
-        DIN, COMPUTE_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D,
-    )  # fmt: skip
-    out = u_hat_ptr + b * n_in * n_out * d_out + tile_offsets(i, j, d, n_out * d_out, d_out, 1)
-    tl.store(out, u_hat.to(u_hat_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def predictions_grad_input_kernel(
-    grad_ptr,
-    w_ptr,
-    grad_u_ptr,
-    n_in,
-    n_out,
-    d_out,
-    stride_g_b,
-    stride_g_i,
-    stride_g_j,
-    stride_g_d,
-    stride_w_i,
-    stride_w_j,
-    stride_w_d,
-    stride_w_k,
-    DIN: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Grid (Nin tiles * B,): ``grad_u[b, i, k] = sum_jd grad[b, i, j, d] weight[i, j, d, k]`` into
-    contiguous [B, Nin, Din]."""
-    b, i0 = _tile_of_program(n_in, BLOCK_I)
-    i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
-    g_offsets = b * stride_g_b + tile_offsets(i, j, d, stride_g_i, stride_g_j, stride_g_d)
-    grad = tl.load(grad_ptr + g_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    contract_into_grad_input(
-        grad, w_ptr, grad_u_ptr, b, i, j, d, mask, n_in, stride_w_i, stride_w_j, stride_w_d,
-        stride_w_k, DIN, COMPUTE_DTYPE,
-    )  # fmt: skip
-
-
-@triton.jit
-def contract_into_grad_input(
-    grad,
-    w_ptr,
-    grad_u_ptr,
-    b,
-    i,
-    j,
-    d,
-    mask,
-    n_in,
-    stride_w_i,
-    stride_w_j,
-    stride_w_d,
-    stride_w_k,
-    DIN: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-):
-    """Stores ``weight[i, j]^T grad[i, j]`` summed over j for a tile into grad_u [B, Nin, DIN]."""
-    w_offsets = tile_offsets(i, j, d, stride_w_i, stride_w_j, stride_w_d)
-    out_row = grad_u_ptr + (b * n_in + i) * DIN
-    for k in tl.static_range(DIN):
-        w_k = tl.load(w_ptr + w_offsets + k * stride_w_k, mask=mask, other=0.0)
-        grad_u_k = tl.sum(tl.sum(grad * w_k.to(COMPUTE_DTYPE), axis=2), axis=1)
-        tl.store(out_row + k, grad_u_k.to(grad_u_ptr.dtype.element_ty), mask=i < n_in)
-
-
-@triton.jit
-def predictions_grad_weight_kernel(
-    grad_ptr,
-    u_ptr,
-    partial_ptr,
     batch,
     n_in,
     n_out,
     d_out,
-    samples_per_chunk,
+    capsules_per_slice,
+    parent_chunks,
+    stride_u_b,
+    stride_u_i,
+    stride_u_k,
+    stride_w_i,
+    stride_w_j,
+    stride_w_d,
+    stride_w_k,
+    DIN: tl.constexpr,
+    KP: tl.constexpr,
+    JA: tl.constexpr,
+    JB: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Grid (slices * sample blocks * parent chunks,): writes the program's tiles of a contiguous
+    u_hat [B, Nin, Nout, Dout] (u's dtype)."""
+    HAS_B: tl.constexpr = JB > 0
+    _slice_id, b, b_mask, first, last, j0 = _program_block(
+        tl.program_id(0), batch, n_in, capsules_per_slice, parent_chunks, BLOCK_B, JA
+    )
+    row = tl.cast(n_out, tl.int64) * d_out  # one capsule's [Nout, Dout] in u_hat
+    _state_a, mask_a, _parents_a, out_a, w_a, w_mask_a = _group(
+        b, b_mask, j0, n_out, d_out, n_in * row, d_out, 1,
+        stride_w_j, stride_w_d, stride_w_k, DIN, KP, JA, DP,
+    )  # fmt: skip
+    mask_b, out_b, w_b, w_mask_b = mask_a, out_a, w_a, w_mask_a
+    if HAS_B:
+        _state_b, mask_b, _parents_b, out_b, w_b, w_mask_b = _group(
+            b, b_mask, JA, n_out, d_out, n_in * row, d_out, 1,
+            stride_w_j, stride_w_d, stride_w_k, DIN, KP, JB, DP,
+        )  # fmt: skip
+    k = tl.arange(0, KP).to(tl.int64)
+    u_offsets = b[:, None] * stride_u_b + k[None, :] * stride_u_k
+    u_mask = b_mask[:, None] & (k < DIN)[None, :]
+    for capsule in range(first, last):
+        capsule = tl.cast(capsule, tl.int64)
+        U = tl.load(u_ptr + capsule * stride_u_i + u_offsets, mask=u_mask, other=0.0)
+        capsule_w = w_ptr + capsule * stride_w_i
+        out = u_hat_ptr + capsule * row
+        tile_a, _ = _u_hat_group(U, out, out_a, mask_a, capsule_w, w_a, w_mask_a, True,
+                                 PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
+        tl.store(out + out_a, tile_a.to(u_hat_ptr.dtype.element_ty), mask=mask_a)
+        if HAS_B:
+            tile_b, _ = _u_hat_group(U, out, out_b, mask_b, capsule_w, w_b, w_mask_b, True,
+                                     PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
+            tl.store(out + out_b, tile_b.to(u_hat_ptr.dtype.element_ty), mask=mask_b)
+
+
+@triton.jit
+def _contract(g, W, U, NEED_U: tl.constexpr, NEED_W: tl.constexpr, SPLIT_K: tl.constexpr,
+              PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):  # fmt: skip
+    """grad u [BLOCK_B, KP] = g W_i and grad W_i^T [JG * DP, KP] = g^T U_i of one parent group
+    (each zeros when not needed; both: the routing pairs kernel's contraction, SPLIT_K as
+    there)."""
+    if NEED_U and NEED_W:
+        grad_u, grad_w = _contract_group(g, W, U, SPLIT_K, PRECISION, COMPUTE_DTYPE)
+    else:
+        g = g.to(W.dtype)
+        grad_u = tl.zeros((g.shape[0], W.shape[0]), dtype=COMPUTE_DTYPE)
+        grad_w = tl.zeros((g.shape[1], W.shape[0]), dtype=COMPUTE_DTYPE)
+        if NEED_U:
+            grad_u = tl.dot(g, tl.trans(W), input_precision=PRECISION, out_dtype=COMPUTE_DTYPE)
+        if NEED_W:
+            grad_w = tl.dot(tl.trans(g), U, input_precision=PRECISION, out_dtype=COMPUTE_DTYPE)
+    return grad_u, grad_w
+
+
+@triton.jit(do_not_specialize=["blocks_per_chunk"])
+def predictions_backward_kernel(
+    grad_ptr,
+    u_ptr,
+    w_ptr,
+    grad_u_ptr,
+    grad_w_ptr,
+    batch,
+    n_in,
+    n_out,
+    d_out,
+    capsules_per_slice,
+    blocks_per_chunk,
+    chunks,
+    parent_chunks,
     stride_g_b,
     stride_g_i,
     stride_g_j,
@@ -188,29 +133,79 @@ def predictions_grad_weight_kernel(
     stride_u_b,
     stride_u_i,
     stride_u_k,
+    stride_w_i,
+    stride_w_j,
+    stride_w_d,
+    stride_w_k,
+    NEED_U: tl.constexpr,
+    NEED_W: tl.constexpr,
+    CHUNKED: tl.constexpr,
     DIN: tl.constexpr,
+    KP: tl.constexpr,
+    JA: tl.constexpr,
+    JB: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
 ):
-    """Grid (Nin tiles * chunks,): ``partial[chunk, i, j, d, k] = sum_b grad[b,i,j,d] u[b,i,k]``
-    over the chunk's samples, into a contiguous [chunks, Nin, Nout, Dout, Din] buffer."""
-    chunk, i0 = _tile_of_program(n_in, BLOCK_I)
-    i, j, d, mask = pair_tile_offsets(i0, n_in, n_out, d_out, BLOCK_I, BLOCK_J, BLOCK_D)
-    g_offsets = tile_offsets(i, j, d, stride_g_i, stride_g_j, stride_g_d)
-    first = chunk * samples_per_chunk
-    last = tl.minimum(first + samples_per_chunk, batch)
-    out = partial_ptr + chunk * n_in * n_out * d_out * DIN
-    out_offsets = tile_offsets(i, j, d, n_out * d_out * DIN, d_out * DIN, DIN)
-    # k outside, samples inside: one [BLOCK_I, BLOCK_J, BLOCK_D] accumulator in registers; the
-    # chunk's grad tiles are re-read from cache for every k.
-    for k in tl.static_range(DIN):
-        acc = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_D), dtype=COMPUTE_DTYPE)
-        for b in range(first, last):
-            grad = tl.load(grad_ptr + b * stride_g_b + g_offsets, mask=mask, other=0.0)
-            u_k = tl.load(
-                u_ptr + b * stride_u_b + i * stride_u_i + k * stride_u_k, mask=i < n_in, other=0.0
-            )
-            acc += grad.to(COMPUTE_DTYPE) * u_k.to(COMPUTE_DTYPE)[:, None, None]
-        tl.store(out + out_offsets + k, acc.to(partial_ptr.dtype.element_ty), mask=mask)
+    """Grid (slices * batch chunks * parent chunks,): a program walks the sample blocks of its
+    batch chunk and, for each, the capsules of its slice, reading grad u_hat [B, Nin, Nout, Dout]
+    (any strides) once per tile. NEED_U: writes grad u (contiguous [B, Nin, Din], u's dtype;
+    CHUNKED: the parent chunk's part, [parent chunks, B, Nin, Din] in COMPUTE_DTYPE). NEED_W:
+    accumulates the batch chunk's grad W into its slot of grad_w (contiguous
+    [chunks, Nin, Nout, Dout, Din], COMPUTE_DTYPE)."""
+    HAS_B: tl.constexpr = JB > 0
+    pid = tl.program_id(0)
+    j0, _slice_id, chunk, first, last, first_block, last_block = _batch_chunk_program(
+        pid, batch, n_in, capsules_per_slice, blocks_per_chunk, chunks, parent_chunks, BLOCK_B, JA
+    )
+    gw_a, gw_mask_a, gw_b, gw_mask_b, gw_chunk = _grad_weight_tiles(
+        grad_w_ptr, chunk, j0, n_in, n_out, d_out, DIN, KP, JA, JB, DP
+    )
+    k = tl.arange(0, KP).to(tl.int64)
+    for block in range(first_block, last_block):
+        b, b_mask = _sample_block(block, batch, BLOCK_B)
+        _state_a, mask_a, _parents_a, g_a_at, w_a, w_mask_a = _group(
+            b, b_mask, j0, n_out, d_out, stride_g_b, stride_g_j, stride_g_d,
+            stride_w_j, stride_w_d, stride_w_k, DIN, KP, JA, DP,
+        )  # fmt: skip
+        mask_b, g_b_at, w_b, w_mask_b = mask_a, g_a_at, w_a, w_mask_a
+        if HAS_B:
+            _state_b, mask_b, _parents_b, g_b_at, w_b, w_mask_b = _group(
+                b, b_mask, JA, n_out, d_out, stride_g_b, stride_g_j, stride_g_d,
+                stride_w_j, stride_w_d, stride_w_k, DIN, KP, JB, DP,
+            )  # fmt: skip
+        u_offsets = b[:, None] * stride_u_b + k[None, :] * stride_u_k
+        u_mask = b_mask[:, None] & (k < DIN)[None, :]
+        for capsule in range(first, last):
+            capsule = tl.cast(capsule, tl.int64)
+            U = tl.load(u_ptr + capsule * stride_u_i + u_offsets, mask=u_mask, other=0.0)
+            capsule_w = w_ptr + capsule * stride_w_i
+            capsule_grad = grad_ptr + capsule * stride_g_i
+            capsule_gw = gw_chunk + capsule * n_out * d_out * DIN
+            g_a = tl.load(capsule_grad + g_a_at, mask=mask_a, other=0.0)
+            W_a = tl.load(capsule_w + w_a, mask=w_mask_a, other=0.0)
+            grad_u, grad_w_a = _contract(g_a, W_a, U, NEED_U, NEED_W, not CHUNKED, PRECISION,
+                                         COMPUTE_DTYPE)  # fmt: skip
+            if NEED_W:
+                if block > first_block:
+                    grad_w_a += tl.load(capsule_gw + gw_a, mask=gw_mask_a, other=0.0)
+                tl.store(capsule_gw + gw_a, grad_w_a, mask=gw_mask_a)
+            if HAS_B:
+                g_b = tl.load(capsule_grad + g_b_at, mask=mask_b, other=0.0)
+                W_b = tl.load(capsule_w + w_b, mask=w_mask_b, other=0.0)
+                grad_u_b, grad_w_b = _contract(g_b, W_b, U, NEED_U, NEED_W, not CHUNKED,
+                                               PRECISION, COMPUTE_DTYPE)  # fmt: skip
+                grad_u += grad_u_b
+                if NEED_W:
+                    if block > first_block:
+                        grad_w_b += tl.load(capsule_gw + gw_b, mask=gw_mask_b, other=0.0)
+                    tl.store(capsule_gw + gw_b, grad_w_b, mask=gw_mask_b)
+            if NEED_U:
+                gu_offsets = (b[:, None] * n_in + capsule) * DIN + k[None, :]
+                if CHUNKED:  # this parent chunk's part; the host sums the chunks
+                    gu_offsets += tl.cast(pid % parent_chunks, tl.int64) * batch * n_in * DIN
+                tl.store(grad_u_ptr + gu_offsets, grad_u.to(grad_u_ptr.dtype.element_ty),
+                         mask=u_mask)  # fmt: skip

@@ -888,6 +888,36 @@ def _grad_weight_offsets(j0, n_out, d_out, DIN: tl.constexpr, KP: tl.constexpr,
     return offsets, mask
 
 
+@triton.jit
+def _batch_chunk_program(pid, batch, n_in, capsules_per_slice, blocks_per_chunk, chunks,
+                         parent_chunks, BLOCK_B: tl.constexpr, JA: tl.constexpr):  # fmt: skip
+    """The work of a program of grid (slices * batch chunks * parent chunks,), parent chunks
+    fastest: its first parent, slice, batch chunk, capsules [first, last) and sample blocks
+    [first_block, last_block)."""
+    j0 = pid % parent_chunks * JA
+    slice_id = pid // parent_chunks // chunks
+    chunk = pid // parent_chunks % chunks
+    first = slice_id * capsules_per_slice
+    last = tl.minimum(first + capsules_per_slice, n_in)
+    first_block = chunk * blocks_per_chunk
+    last_block = tl.minimum(first_block + blocks_per_chunk, tl.cdiv(batch, BLOCK_B))
+    return j0, slice_id, chunk, first, last, first_block, last_block
+
+
+@triton.jit
+def _grad_weight_tiles(grad_w_ptr, chunk, j0, n_in, n_out, d_out, DIN: tl.constexpr,
+                       KP: tl.constexpr, JA: tl.constexpr, JB: tl.constexpr,
+                       DP: tl.constexpr):  # fmt: skip
+    """The grad W offsets and masks of both parent groups (group B's equal to A's without one)
+    and the batch chunk's slot of grad_w ([chunks, Nin, Nout, Dout, Din])."""
+    gw_a, gw_mask_a = _grad_weight_offsets(j0, n_out, d_out, DIN, KP, JA, DP)
+    gw_b, gw_mask_b = gw_a, gw_mask_a
+    if JB > 0:
+        gw_b, gw_mask_b = _grad_weight_offsets(JA, n_out, d_out, DIN, KP, JB, DP)
+    gw_chunk = grad_w_ptr + tl.cast(chunk, tl.int64) * n_in * n_out * d_out * DIN
+    return gw_a, gw_mask_a, gw_b, gw_mask_b, gw_chunk
+
+
 @triton.jit(do_not_specialize=["blocks_per_chunk"])
 def routing_backward_pairs_kernel(
     u_hat_ptr,
@@ -961,21 +991,15 @@ def routing_backward_pairs_kernel(
     HAS_B: tl.constexpr = JB > 0
     JBG: tl.constexpr = JB if HAS_B else JA
     pid = tl.program_id(0)
-    j0 = pid % parent_chunks * JA
-    slice_id = pid // parent_chunks // chunks
-    chunk = pid // parent_chunks % chunks
-    first = slice_id * capsules_per_slice
-    last = tl.minimum(first + capsules_per_slice, n_in)
-    first_block = chunk * blocks_per_chunk
-    last_block = tl.minimum(first_block + blocks_per_chunk, tl.cdiv(batch, BLOCK_B))
+    j0, slice_id, chunk, first, last, first_block, last_block = _batch_chunk_program(
+        pid, batch, n_in, capsules_per_slice, blocks_per_chunk, chunks, parent_chunks, BLOCK_B, JA
+    )
+    gw_a, gw_mask_a, gw_b, gw_mask_b, gw_chunk = _grad_weight_tiles(
+        grad_w_ptr, chunk, j0, n_in, n_out, d_out, DIN, KP, JA, JB, DP
+    )
     size = tl.cast(batch, tl.int64) * n_out * d_out
     last_offset = tl.cast(iterations - 1, tl.int64) * size
     k = tl.arange(0, KP).to(tl.int64)
-    gw_a, gw_mask_a = _grad_weight_offsets(j0, n_out, d_out, DIN, KP, JA, DP)
-    gw_b, gw_mask_b = gw_a, gw_mask_a
-    if HAS_B:
-        gw_b, gw_mask_b = _grad_weight_offsets(JA, n_out, d_out, DIN, KP, JB, DP)
-    gw_chunk = grad_w_ptr + tl.cast(chunk, tl.int64) * n_in * n_out * d_out * DIN
     for block in range(first_block, last_block):
         b, b_mask = _sample_block(block, batch, BLOCK_B)
         state_a, mask_a, parents_a, uh_a, w_a, w_mask_a = _group(

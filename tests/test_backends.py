@@ -130,6 +130,49 @@ def test_triton_split_grad_u_matches_reference(device, path, iterations):
         check_capsule_routing("triton", u, weight, bias, iterations, False, torch.float32, path)
 
 
+# The predictions kernels share the routing kernels' tiles: capsules split across programs and
+# the batch across chunks (grad W summed over them) or one chunk walking two sample blocks
+# (grad W accumulated), parents in chunks of 2 (each chunk's part of
+# grad u summed after), and a float32 10 x 16 layer whose 8-parent group takes the split grad u.
+PREDICTION_PATHS = {
+    "split-chunked": (Shape(20, 13, 3, 5, 3), torch.float64, TRITON_PATHS["split-chunked"]),
+    "parent-chunks": (
+        Shape(20, 13, 3, 5, 3),
+        torch.float64,
+        dict(parent_chunks=2, chunk_parents=2, chunks=1, block_b=16, capsules_per_slice=5),
+    ),
+    "f32-groups-8-2": (Shape(20, 7, 10, 16, 8), torch.float32, dict(capsules_per_slice=3)),
+}
+
+
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+@pytest.mark.parametrize("needs", ["u+weight", "u", "weight"])
+@pytest.mark.parametrize("path", PREDICTION_PATHS)
+def test_triton_predictions_tiling_paths_match_reference(device, path, needs):
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    from fastcaps.triton_launch import override_routing_plan
+
+    shape, dtype, overrides = PREDICTION_PATHS[path]
+    names = needs.split("+")
+    u, weight, _ = make_layer_inputs(shape, dtype, device, bias=False)
+    u.requires_grad_("u" in names)
+    weight.requires_grad_("weight" in names)
+    u64, w64 = as_float64_leaf(u), as_float64_leaf(weight)
+    leaves = {"u": (u, u64), "weight": (weight, w64)}
+    with override_routing_plan(**overrides):
+        u_hat = fastcaps.predictions(u, weight, backend="triton")
+        grad = torch.randn(u_hat.shape, generator=torch.Generator().manual_seed(4),
+                           dtype=torch.float64)  # fmt: skip
+        got = grads(u_hat, [leaves[n][0] for n in names], grad.to(device))
+    u_hat_ref = reference.predictions(u64, w64)
+    assert_close(u_hat, u_hat_ref, dtype, f"{path} u_hat")
+    expected = grads(u_hat_ref, [leaves[n][1] for n in names], grad)
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert g.dtype == dtype
+        assert_close(g, e, dtype, f"{path} grad {name}")
+
+
 @pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
 @pytest.mark.parametrize("iterations", [1, 3], ids=lambda r: f"R{r}")
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: s.id)

@@ -68,6 +68,8 @@ def test_every_launched_variant_compiles_for_sm90_without_spills(tmp_path):
             "routing_backward_pairs_kernel",
             "routing_softmax_stats_kernel",  # 100 parents: chunked
             "routing_output_grad_kernel",
+            "predictions_forward_kernel",
+            "predictions_backward_kernel",
         ):
             assert (dtype, kernel) in launched, (dtype, kernel)
     from benchmarks.gpu_static import spill_tolerated
