@@ -669,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.check:
         cases = [(op, layer, dtype, {})
-                 for layer in CHECK_LAYERS for op in ("capsule_routing", "dynamic_routing")
+                 for layer in CHECK_LAYERS
+                 for op in ("capsule_routing", "dynamic_routing", "predictions")
                  for dtype in ("float32", "bfloat16", "float16", "float64")]  # fmt: skip
         cases += [
             ("capsule_routing", mnist(128), "float32", {"bias": True, "detach_logits": True}),
@@ -679,7 +680,6 @@ def main(argv: list[str] | None = None) -> int:
             ("capsule_routing", mnist(2048), "bfloat16", {}),
             ("dynamic_routing", mnist(2048), "bfloat16", {}),
             ("capsule_routing", Layer("classes100", 128, 1152, 100), "bfloat16", {}),
-            ("predictions", mnist(32), "float32", {}),
             ("squash", mnist(32), "float32", {}),
             ("squash", mnist(32), "float64", {}),
             ("exp_squash", mnist(32), "float32", {}),
