@@ -22,7 +22,10 @@ Everything here is a *model*, read off compiled code; nothing is timed.
 
   The model ignores cache misses beyond compulsory traffic, latency that warps cannot hide,
   bank conflicts and divergence; conditionally executed code inside a loop is counted on every
-  trip. It is meant to rank designs and to be checked against a GPU measurement.
+  trip. Shared-memory loads are charged by width even where lanes share addresses in pairs, which
+  the hardware serves in half the wavefronts (the row operand of many float32 FMA dots), so their
+  cost may be overstated up to 2x. It is meant to rank designs and to be checked against a GPU
+  measurement.
 """
 
 from __future__ import annotations
