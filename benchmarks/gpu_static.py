@@ -378,6 +378,17 @@ def _total(s: dict) -> float:
     return s["forward_us"] + s["backward_us"]
 
 
+def ffma_floor_us(scenario: dict, model: dict) -> float:
+    """The time a scenario's Triton launches would take if they issued nothing but their FFMAs,
+    spread evenly over every SM's FP32 pipe (HOPPER's ``fp32`` rate): no launch overhead, no
+    memory, no other instruction. A lower bound of the float32 FMA-unit kernels' model, and
+    what their other instructions cost beside it."""
+    rate = dict(model["pipe_rates"])["fp32"] * model["sms"] * model["clock_hz"]
+    ffma = sum(r["dynamic_per_program"].get("FFMA", 0) * r["programs"]
+               for r in scenario["launches"])  # fmt: skip
+    return ffma / rate * 1e6
+
+
 # Spills that Triton 3.6 (the lent H100's toolchain) makes and 3.9 does not, tolerated up to
 # these bytes per (dtype, kernel): the float32 forward partial kernel at 64 samples per program
 # (40 B; 32 samples per program is spill-free but modelled slower, MNIST B=128 forward 117.2 ->
@@ -473,7 +484,9 @@ def write_report(data: dict, out: Path) -> Path:
         "speed. The torch backend: each ATen kernel as max(FLOPs at cuBLAS float32 speed, bytes "
         "at HBM speed) + launch overhead. Per kernel, `warp-inst/program` and `loads/SHFL` "
         "(global and shared-memory loads, ldmatrix included; shuffles) count the warp "
-        "instructions one program executes.",
+        "instructions one program executes. `FFMA-only us` (summary) is the time the launches "
+        "would take if they issued only their FFMAs, spread evenly over every SM's FP32 pipe, "
+        "without launch overhead or memory: a floor for kernels whose dots run on the FMA units.",
         "",
     ]
     scenarios = data["scenarios"]
@@ -481,8 +494,8 @@ def write_report(data: dict, out: Path) -> Path:
                 for b in data.get("baseline", [])}  # fmt: skip
     measured = data.get("measured", {})
     lines += ["## Summary (forward + backward)", ""]
-    head = "| op | layer | dtype | triton us | torch us | torch / triton |"
-    sep = "|---|---|---|---|---|---|"
+    head = "| op | layer | dtype | triton us | FFMA-only us | torch us | torch / triton |"
+    sep = "|---|---|---|---|---|---|---|"
     if baseline:
         head += " triton before us | before / after |"
         sep += "---|---|"
@@ -494,6 +507,7 @@ def write_report(data: dict, out: Path) -> Path:
             continue
         t = by_key.get((op, layer_id, dtype, "torch"))
         row = f"| {op} | {layer_id} | {dtype} | {_fmt(_total(s))} | "
+        row += f"{_fmt(ffma_floor_us(s, data['model']))} | "
         row += f"{_fmt(_total(t))} | {_total(t) / _total(s):.2f}x |" if t else " | |"
         if baseline:
             b = baseline.get((op, layer_id, dtype, provider))

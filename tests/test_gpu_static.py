@@ -135,6 +135,24 @@ def test_problems_lists_tolerated_spills_apart_from_the_failures():
     assert problems([scenario], "3.6.0") == found  # without the list: the same failures
 
 
+def test_ffma_floor_counts_only_the_ffmas_over_every_fp32_pipe():
+    from benchmarks.gpu_static import ffma_floor_us
+
+    model = {"sms": 132, "clock_hz": 1.755e9, "pipe_rates": [["fp32", 4.0], ["lsu", 1.0]]}
+    scenario = {"launches": [
+        {"programs": 264, "dynamic_per_program": {"FFMA": 1000.0, "LDS.64": 5000.0}},
+        {"programs": 10, "dynamic_per_program": {"MUFU": 7.0}},
+    ]}  # fmt: skip
+    # 264 programs x 1000 FFMA = 264,000 warp instructions at 4 per clock on each of 132 SMs
+    assert ffma_floor_us(scenario, model) == pytest.approx(264_000 / (4.0 * 132 * 1.755e9) * 1e6)
+    # the committed report: the float32 kernels' FFMAs alone are a fraction of their model
+    report = json.loads((REPO / "benchmarks/results/static-sm90/report.json").read_text())
+    mnist = next(s for s in report["scenarios"] if s["provider"] == "triton"
+                 and s["op"] == "capsule_routing" and s["dtype"] == "float32"
+                 and s["layer"]["id"].startswith("mnist-B128") and not s["options"])  # fmt: skip
+    assert 0 < ffma_floor_us(mnist, report["model"]) < mnist["forward_us"] + mnist["backward_us"]
+
+
 def test_a_case_an_older_checkout_lacks_is_skipped(monkeypatch, capsys):
     """--fastcaps-from an older commit (the report's "before" column): ops added since then are
     left out of its report instead of failing it."""
