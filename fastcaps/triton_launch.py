@@ -136,7 +136,9 @@ class RoutingPlan:
     """How the routing kernels tile a layer (see ``fastcaps.kernels.routing``): ``forward`` for
     the forward partial sums, ``backward`` for the backward ones (more tiles live, so fewer
     samples per program), ``pairs`` for the pairs kernel, ``stats`` for the softmax statistics
-    kernel of chunked parents. The parents are two power-of-two groups of ``ja`` and ``jb`` (0:
+    kernel of chunked parents; ``split_backward`` (None unless the u_hat dot may use the tensor
+    cores and the parents are not chunked) for the backward partial sums run as two passes when
+    the coefficients are kept. The parents are two power-of-two groups of ``ja`` and ``jb`` (0:
     none) parents, or, when they are too many for the registers, ``parent_chunks`` chunks of
     ``ja`` (``jb`` = 0). Dout is padded to ``dp``, and each tiling pads Din to the minimum K of
     its dot's dtype."""
@@ -145,6 +147,7 @@ class RoutingPlan:
     backward: Tiling
     pairs: Tiling
     stats: Tiling
+    split_backward: Tiling | None
     ja: int
     jb: int
     dp: int
@@ -316,12 +319,28 @@ def routing_plan(
     stats = replace(_partial_tiling(batch, n_in, n_out, d_out, 32 if wide == 4 else 16, wide,
                                     target),
                     dot_dtype=backward.dot_dtype)  # fmt: skip
+    # where the u_hat dot runs on the tensor cores in one pass (half inputs, or float32 under
+    # "medium") with the forward's 64-sample blocks (batches of about 128 and more) and the
+    # parents are not chunked: the backward partial sums as two passes (PHASE 1, then 2) of
+    # those blocks, each holding fewer tiles than one pass, which at 64 samples would spill.
+    # Static sm_90 model, MNIST layer: bfloat16 B=128 188.8 -> 167.4 us forward + backward,
+    # B=512 667.5 -> 537.3; not used where a probe modelled it slower: 3-pass TF32 ("high",
+    # 261.3 -> 275.7 at B=128) and 32-sample blocks (bfloat16 B=32, 110.0 -> 120.2)
+    split = None
+    one_pass = dtype in (torch.float16, torch.bfloat16) or (
+        dtype == torch.float32 and dot_precision(dtype) == "tf32"
+    )
+    if one_pass and parent_chunks == 1 and forward.block_b >= 64:
+        split = replace(forward, dot_dtype=element)
     tilings = {}
     for name, tiling in (("forward", forward), ("backward", backward), ("pairs", pairs),
-                         ("stats", stats)):  # fmt: skip
+                         ("stats", stats), ("split_backward", split)):  # fmt: skip
+        if tiling is None:
+            tilings[name] = None
+            continue
         operand = TORCH_DTYPES[tiling.dot_dtype]
-        # the backward partial kernel keeps full-precision float32 FMA dots whatever the
-        # setting, and the pairs kernel all but 1-pass TF32: their tensor-core layouts spill
+        # the one-pass backward partial kernel keeps full-precision float32 FMA dots whatever
+        # the setting, and the pairs kernel all but 1-pass TF32: their tensor-core layouts spill
         precision = dot_precision(operand)
         if name == "backward" or (name == "pairs" and precision == "tf32x3"):
             precision = "ieee"

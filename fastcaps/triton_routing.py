@@ -232,9 +232,12 @@ def routing_backward(
         grad_s_all[-1] = torch_backend.squash_backward(s_all[-1], grad_v.to(s_all.dtype), eps)
         return _empty_input_grads(source, grad_s_all, need_input_grads)
     plan = source.plan()
-    tiling = plan.backward
     # c_r and ga_r of the iterations r >= 1, kept for the pairs kernel (which then needs no u_hat)
     stored = not last_only and store_coefficients(iterations, d_out)
+    # from u and weight: the partial sums in two passes on the tensor cores (see RoutingPlan),
+    # which need the coefficients kept (a stored u_hat would be read twice)
+    split = stored and source.from_weight and plan.split_backward is not None
+    tiling = plan.split_backward if split else plan.backward
     coef = s_all.new_empty((iterations - 1, batch, n_in, n_out) if stored else (0,))
     coef_grad = torch.empty_like(coef)
     # chunked parents: softmax statistics of the iterations r >= 1 (slot r - 1)
@@ -257,15 +260,17 @@ def routing_backward(
         for r in range(iterations - 1, 0, -1):
             if plan.chunked:
                 _softmax_stats(source, plan, V_all, grad_s_all, lse, inner, r, r - 1, True)
-            routing_backward_partial_kernel[(tiling.programs,)](
-                *source.pointers(), s_all, V_all, grad_v, grad_s_all, partial, coef, coef_grad,
-                lse, inner, prior, grad_prior, batch, n_in, n_out, d_out,
-                tiling.capsules_per_slice, plan.parent_chunks, r, eps, *source.strides(),
-                *prior_strides, *grad_v.stride(),
-                GRAD_FROM_OUTPUT=r == iterations - 1 and not plan.chunked,
-                STORE_COEFFICIENTS=stored, CHUNKED=plan.chunked, ATTENTION=attention is not None,
-                HAS_PRIOR=has_prior, **source.constexprs(plan, tiling, dtype),
-            )  # fmt: skip
+            for phase in (1, 2) if split else (0,):
+                routing_backward_partial_kernel[(tiling.programs,)](
+                    *source.pointers(), s_all, V_all, grad_v, grad_s_all, partial, coef,
+                    coef_grad, lse, inner, prior, grad_prior, batch, n_in, n_out, d_out,
+                    tiling.capsules_per_slice, plan.parent_chunks, r, eps, *source.strides(),
+                    *prior_strides, *grad_v.stride(),
+                    GRAD_FROM_OUTPUT=r == iterations - 1 and not plan.chunked and phase < 2,
+                    STORE_COEFFICIENTS=stored, CHUNKED=plan.chunked,
+                    ATTENTION=attention is not None, HAS_PRIOR=has_prior, PHASE=phase,
+                    **source.constexprs(plan, tiling, dtype),
+                )  # fmt: skip
             routing_backward_combine_kernel[combine.grid](
                 partial, s_all, grad_later, grad_s_all, batch, n_out, d_out, tiling.slices, r, eps,
                 FIRST=r == iterations - 1, ATTENTION=attention is not None,

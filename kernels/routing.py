@@ -655,11 +655,15 @@ def routing_backward_partial_kernel(
     PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
     """Grid (slices * sample blocks * parent chunks,), iteration r >= 1: ``partial[slice, b] = sum
     over the slice of ga_r u_hat`` (the slice's part of gV_r), and (STORE_COEFFICIENTS) c_r and
     ga_r into slot r-1 of coef and coef_grad (contiguous [R-1, B, Nin, Nout], COMPUTE_DTYPE) for
-    the pairs kernel. gs_r is read from grad_s_all[r], or with GRAD_FROM_OUTPUT (r = R-1)
+    the pairs kernel. PHASE 0 does both; the backward can instead run it twice (with
+    STORE_COEFFICIENTS, not CHUNKED), PHASE 1 storing c_r and ga_r only and PHASE 2 forming the
+    partial sums from the stored ga_r, so that neither holds all of V_r, gs_r and the sums in
+    registers at once. gs_r is read from grad_s_all[r], or with GRAD_FROM_OUTPUT (r = R-1)
     computed from s_all[r] and grad v and stored by slice 0. CHUNKED: a program owns JA parents
     and reads slot r-1 of lse and inner ([R-1, B, Nin], ``routing_softmax_stats_kernel``).
     ATTENTION (self-attention routing, r = 1): gs from exp_squash'; the coefficient stored for
@@ -690,12 +694,17 @@ def routing_backward_partial_kernel(
     coef_offsets, parent_a, coef_mask_a, parent_b, coef_mask_b = _coefficient_offsets(
         b, b_mask, r - 1, batch, n_in, n_out, j0, JA, JBG
     )
-    V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+    V_a = tl.zeros((BLOCK_B, JA * DP), dtype=COMPUTE_DTYPE)  # unread in PHASE 2
+    if PHASE != 2:
+        V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
     V_b = V_a
-    if HAS_B:
+    if HAS_B and PHASE != 2:
         V_b = tl.load(V_all_ptr + offset + state_b, mask=mask_b, other=0.0)
     stats_at = (tl.cast(r - 1, tl.int64) * batch + b) * n_in
-    if GRAD_FROM_OUTPUT:
+    if PHASE == 2:
+        gs_a = V_a  # unread
+        gs_b = V_b
+    elif GRAD_FROM_OUTPUT:
         gs_a = _output_grad_tile(s_all_ptr, grad_v_ptr, b, j0, n_out, d_out, state_a, mask_a,
                                  offset, eps, stride_gv_b, stride_gv_j, stride_gv_d, ATTENTION,
                                  COMPUTE_DTYPE, BLOCK_B, JA, DP)  # fmt: skip
@@ -728,45 +737,55 @@ def routing_backward_partial_kernel(
         if HAS_B:
             tile_b, _ = _u_hat_group(U, capsule_u_hat, uh_b, mask_b, capsule_w, w_b, w_mask_b,
                                      FROM_WEIGHT, PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
-        grad_c_a = _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP)
-        grad_c_b = grad_c_a
-        if HAS_B:
-            grad_c_b = _parent_sum(tile_b * gs_b, parents_b, BLOCK_B, JBG, DP)
-        if HAS_PRIOR:  # this sample block's part of grad prior: sum over its samples of gc
-            prior_at = grad_prior_ptr + (sample_block * n_in + capsule) * n_out
-            tl.store(prior_at + parent_a, tl.sum(grad_c_a, axis=0), mask=parent_a < n_out)
+        if PHASE == 2:  # the partial sums from the ga_r that PHASE 1 stored
+            ga_at = coef_grad_ptr + coef_offsets + capsule * n_out
+            ga_a = tl.load(ga_at + parent_a[None, :], mask=coef_mask_a, other=0.0)
+            sum_a += _spread(ga_a, BLOCK_B, JA, DP) * tile_a
             if HAS_B:
-                tl.store(prior_at + parent_b, tl.sum(grad_c_b, axis=0), mask=parent_b < n_out)
-        if CHUNKED:
-            c_a = _chunk_coefficients(tile_a, V_a, parents_a, lse_ptr, stats_at + capsule, b_mask,
-                                      BLOCK_B, JA, DP)  # fmt: skip
-            inner = tl.load(inner_ptr + stats_at + capsule, mask=b_mask, other=0.0)
-            ga_a = c_a * (grad_c_a - inner[:, None])
-            c_b, ga_b = c_a, ga_a
+                ga_b = tl.load(ga_at + parent_b[None, :], mask=coef_mask_b, other=0.0)
+                sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
         else:
-            c_a, c_b = _softmax_parents(
-                _agreement(tile_a, V_a, parents_a, BLOCK_B, JA, DP),
-                _agreement(tile_b, V_b, parents_b, BLOCK_B, JBG, DP),
-                HAS_B,
-            )
-            ga_a, ga_b = _softmax_parents_backward(c_a, c_b, grad_c_a, grad_c_b, HAS_B)
-        sum_a += _spread(ga_a, BLOCK_B, JA, DP) * tile_a
-        if HAS_B:
-            sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
-        if HAS_PRIOR and STORE_COEFFICIENTS:  # the pairs kernel's c is softmax + prior
-            c_a, c_b = _add_prior(c_a, c_b, prior_ptr, capsule, parent_a, parent_b, n_out,
-                                  stride_p_i, stride_p_j, HAS_B, COMPUTE_DTYPE)  # fmt: skip
-        if STORE_COEFFICIENTS:
-            coef_at = coef_offsets + capsule * n_out
-            tl.store(coef_ptr + coef_at + parent_a[None, :], c_a, mask=coef_mask_a)
-            tl.store(coef_grad_ptr + coef_at + parent_a[None, :], ga_a, mask=coef_mask_a)
+            grad_c_a = _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP)
+            grad_c_b = grad_c_a
             if HAS_B:
-                tl.store(coef_ptr + coef_at + parent_b[None, :], c_b, mask=coef_mask_b)
-                tl.store(coef_grad_ptr + coef_at + parent_b[None, :], ga_b, mask=coef_mask_b)
-    out = partial_ptr + tl.cast(slice_id, tl.int64) * batch * n_out * d_out
-    tl.store(out + state_a, sum_a, mask=mask_a)
-    if HAS_B:
-        tl.store(out + state_b, sum_b, mask=mask_b)
+                grad_c_b = _parent_sum(tile_b * gs_b, parents_b, BLOCK_B, JBG, DP)
+            if HAS_PRIOR:  # this sample block's part of grad prior: sum over its samples of gc
+                prior_at = grad_prior_ptr + (sample_block * n_in + capsule) * n_out
+                tl.store(prior_at + parent_a, tl.sum(grad_c_a, axis=0), mask=parent_a < n_out)
+                if HAS_B:
+                    tl.store(prior_at + parent_b, tl.sum(grad_c_b, axis=0), mask=parent_b < n_out)
+            if CHUNKED:
+                c_a = _chunk_coefficients(tile_a, V_a, parents_a, lse_ptr, stats_at + capsule,
+                                          b_mask, BLOCK_B, JA, DP)  # fmt: skip
+                inner = tl.load(inner_ptr + stats_at + capsule, mask=b_mask, other=0.0)
+                ga_a = c_a * (grad_c_a - inner[:, None])
+                c_b, ga_b = c_a, ga_a
+            else:
+                c_a, c_b = _softmax_parents(
+                    _agreement(tile_a, V_a, parents_a, BLOCK_B, JA, DP),
+                    _agreement(tile_b, V_b, parents_b, BLOCK_B, JBG, DP),
+                    HAS_B,
+                )
+                ga_a, ga_b = _softmax_parents_backward(c_a, c_b, grad_c_a, grad_c_b, HAS_B)
+            if PHASE == 0:
+                sum_a += _spread(ga_a, BLOCK_B, JA, DP) * tile_a
+                if HAS_B:
+                    sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
+            if HAS_PRIOR and STORE_COEFFICIENTS:  # the pairs kernel's c is softmax + prior
+                c_a, c_b = _add_prior(c_a, c_b, prior_ptr, capsule, parent_a, parent_b, n_out,
+                                      stride_p_i, stride_p_j, HAS_B, COMPUTE_DTYPE)  # fmt: skip
+            if STORE_COEFFICIENTS:
+                coef_at = coef_offsets + capsule * n_out
+                tl.store(coef_ptr + coef_at + parent_a[None, :], c_a, mask=coef_mask_a)
+                tl.store(coef_grad_ptr + coef_at + parent_a[None, :], ga_a, mask=coef_mask_a)
+                if HAS_B:
+                    tl.store(coef_ptr + coef_at + parent_b[None, :], c_b, mask=coef_mask_b)
+                    tl.store(coef_grad_ptr + coef_at + parent_b[None, :], ga_b, mask=coef_mask_b)
+    if PHASE != 1:
+        out = partial_ptr + tl.cast(slice_id, tl.int64) * batch * n_out * d_out
+        tl.store(out + state_a, sum_a, mask=mask_a)
+        if HAS_B:
+            tl.store(out + state_b, sum_b, mask=mask_b)
 
 
 @triton.jit

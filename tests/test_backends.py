@@ -130,6 +130,83 @@ def test_triton_split_grad_u_matches_reference(device, path, iterations):
         check_capsule_routing("triton", u, weight, bias, iterations, False, torch.float32, path)
 
 
+# Where the u_hat dot runs on the tensor cores in one pass with 64-sample blocks, the backward
+# partial sums run as two passes of the partial-sum kernel (PHASE 1 keeps c_r and ga_r, PHASE 2
+# sums ga_r u_hat); float32 under torch.set_float32_matmul_precision("medium") takes that path.
+# Under the interpreter its dots are exact float32, so these cases check the two passes' algebra.
+SPLIT_BACKWARD_CASES = {
+    # two sample blocks of 64 (the second 6 samples), parents as 8 + 2
+    "two-blocks-8-2": Shape(70, 9, 10, 16, 8),
+    # Dout 5 and Din 3 padded, 3 parents (2 + 1)
+    "padded": Shape(70, 13, 3, 5, 3),
+    # one parent, a batch smaller than the block
+    "one-parent": Shape(3, 6, 1, 7, 5),
+}
+
+
+@pytest.fixture
+def float32_matmul_precision():
+    """Sets torch's float32 matmul precision for a test and restores it after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+class _PhaseRecorder:
+    """Stands in for a Triton kernel: records the PHASE of every launch and passes it on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.phases = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.phases.append(kwargs["PHASE"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+@pytest.mark.parametrize("iterations", [2, 3, 4], ids=lambda r: f"R{r}")
+@pytest.mark.parametrize("case", SPLIT_BACKWARD_CASES)
+def test_triton_two_pass_backward_matches_reference(
+    device, monkeypatch, float32_matmul_precision, case, iterations
+):
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    import fastcaps.triton_routing as triton_routing
+    from fastcaps.triton_launch import override_routing_plan
+
+    recorder = _PhaseRecorder(triton_routing.routing_backward_partial_kernel)
+    monkeypatch.setattr(triton_routing, "routing_backward_partial_kernel", recorder)
+    float32_matmul_precision("medium")
+    shape = SPLIT_BACKWARD_CASES[case]
+    u, weight, bias = make_layer_inputs(shape, torch.float32, device, bias=True)
+    with override_routing_plan(block_b=64, store_coefficients=True):
+        check_capsule_routing("triton", u, weight, bias, iterations, False, torch.float32, case)
+    assert recorder.phases == [1, 2] * (iterations - 1)
+
+
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+def test_two_pass_backward_only_where_it_is_modelled_faster(float32_matmul_precision):
+    from fastcaps.triton_launch import TL_DTYPES, routing_plan
+
+    def split(batch, dtype, n_out=10):
+        return routing_plan(batch, 1152, n_out, 16, 8, dtype, "cpu").split_backward
+
+    float32_matmul_precision("highest")
+    assert split(128, torch.bfloat16).block_b == 64
+    assert split(128, torch.bfloat16).dot_dtype == TL_DTYPES[torch.bfloat16]
+    assert split(512, torch.float16) is not None
+    assert split(128, torch.float32) is None  # full-precision FMA dots: one pass
+    assert split(32, torch.bfloat16) is None  # 32-sample blocks: one pass is faster
+    assert split(128, torch.bfloat16, n_out=100) is None  # chunked parents
+    float32_matmul_precision("high")
+    assert split(128, torch.float32) is None  # 3-pass TF32 models slower in two passes
+    float32_matmul_precision("medium")
+    assert split(128, torch.float32).precision == "tf32"
+
+
 # The predictions kernels share the routing kernels' tiles: capsules split across programs and
 # the batch across chunks (grad W summed over them) or one chunk walking two sample blocks
 # (grad W accumulated), parents in chunks of 2 (each chunk's part of
