@@ -737,13 +737,13 @@ def routing_backward_partial_kernel(
         if HAS_B:
             tile_b, _ = _u_hat_group(U, capsule_u_hat, uh_b, mask_b, capsule_w, w_b, w_mask_b,
                                      FROM_WEIGHT, PRECISION, DOT_DTYPE, COMPUTE_DTYPE)  # fmt: skip
-        if PHASE == 2:  # the partial sums from the ga_r that PHASE 1 stored
-            ga_at = coef_grad_ptr + coef_offsets + capsule * n_out
-            ga_a = tl.load(ga_at + parent_a[None, :], mask=coef_mask_a, other=0.0)
-            sum_a += _spread(ga_a, BLOCK_B, JA, DP) * tile_a
+        coef_at = coef_offsets + capsule * n_out
+        if PHASE == 2:  # the ga_r that PHASE 1 stored
+            ga_a = tl.load(coef_grad_ptr + coef_at + parent_a[None, :], mask=coef_mask_a, other=0.0)
+            ga_b = ga_a
             if HAS_B:
-                ga_b = tl.load(ga_at + parent_b[None, :], mask=coef_mask_b, other=0.0)
-                sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
+                ga_b = tl.load(coef_grad_ptr + coef_at + parent_b[None, :], mask=coef_mask_b,
+                               other=0.0)  # fmt: skip
         else:
             grad_c_a = _parent_sum(tile_a * gs_a, parents_a, BLOCK_B, JA, DP)
             grad_c_b = grad_c_a
@@ -767,20 +767,19 @@ def routing_backward_partial_kernel(
                     HAS_B,
                 )
                 ga_a, ga_b = _softmax_parents_backward(c_a, c_b, grad_c_a, grad_c_b, HAS_B)
-            if PHASE == 0:
-                sum_a += _spread(ga_a, BLOCK_B, JA, DP) * tile_a
-                if HAS_B:
-                    sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
             if HAS_PRIOR and STORE_COEFFICIENTS:  # the pairs kernel's c is softmax + prior
                 c_a, c_b = _add_prior(c_a, c_b, prior_ptr, capsule, parent_a, parent_b, n_out,
                                       stride_p_i, stride_p_j, HAS_B, COMPUTE_DTYPE)  # fmt: skip
             if STORE_COEFFICIENTS:
-                coef_at = coef_offsets + capsule * n_out
                 tl.store(coef_ptr + coef_at + parent_a[None, :], c_a, mask=coef_mask_a)
                 tl.store(coef_grad_ptr + coef_at + parent_a[None, :], ga_a, mask=coef_mask_a)
                 if HAS_B:
                     tl.store(coef_ptr + coef_at + parent_b[None, :], c_b, mask=coef_mask_b)
                     tl.store(coef_grad_ptr + coef_at + parent_b[None, :], ga_b, mask=coef_mask_b)
+        if PHASE != 1:
+            sum_a += _spread(ga_a, BLOCK_B, JA, DP) * tile_a
+            if HAS_B:
+                sum_b += _spread(ga_b, BLOCK_B, JB, DP) * tile_b
     if PHASE != 1:
         out = partial_ptr + tl.cast(slice_id, tl.int64) * batch * n_out * d_out
         tl.store(out + state_a, sum_a, mask=mask_a)
