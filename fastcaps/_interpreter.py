@@ -1,4 +1,5 @@
-"""Make Triton's interpreter (TRITON_INTERPRET=1) fast enough to run the kernels in CI.
+"""Make Triton's interpreter (TRITON_INTERPRET=1) fast enough to run the kernels in CI, and
+faithful to the GPU's TF32 dots.
 
 The interpreter re-patches ``triton.language`` on every call of a ``@triton.jit`` helper, about
 1.6 ms each; the routing kernels call a dozen helpers per input capsule, so the repeats were
@@ -12,11 +13,90 @@ under the interpreter: Triton 3.6's interpreter holds a kernel's scalars as 1-el
 turns them into Python ints with ``int(array)``, which NumPy >= 2.4 refuses, so any loop whose
 bounds come from ``tl.program_id`` (``for b in range(first, last)``) fails there. Newer Triton
 squeezes the array first; the fix does the same. Compiled kernels are unaffected.
+
+``tensor_float32_dots()`` makes the interpreter's float32 ``tl.dot`` round its inputs the way an
+NVIDIA GPU's tensor cores do, instead of computing every input precision in full float32:
+``"tf32"`` keeps the top 10 mantissa bits of each input (the tensor cores ignore the other 13);
+``"tf32x3"`` is Triton's 3-pass split (``big = cvt.rna.tf32(x)``, ``small = x - big``, then
+``small_a big_b + big_a small_b + big_a big_b``, with a NaN from the small parts dropped as
+Triton does); ``"ieee"`` is unchanged. Products of TF32 values are exact in float32, so NumPy's
+float32 matmul of the rounded inputs is the GPU's result up to the order of the float32 sums.
+Installed with the other fixes, so tests of TF32 paths see TF32 errors.
 """
 
 from __future__ import annotations
 
-_STATE: dict = {"installed": False, "in_kernel": False, "patched": set(), "index_fixed": False}
+import contextlib
+
+import numpy as np
+
+_STATE: dict = {
+    "installed": False, "in_kernel": False, "patched": set(), "index_fixed": False,
+    "tf32": False, "exact": False,
+}  # fmt: skip
+
+_TF32_KEEP = np.uint32(0xFFFFE000)  # sign, exponent and the top 10 mantissa bits
+_EXPONENT = np.uint32(0x7F800000)
+
+
+def tf32_truncate(x: np.ndarray) -> np.ndarray:
+    """float32 -> the TF32 value the tensor cores read (low 13 bits dropped; inf, NaN kept)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    special = (bits & _EXPONENT) == _EXPONENT
+    return np.where(special, bits, bits & _TF32_KEEP).view(np.float32)
+
+
+def tf32_round(x: np.ndarray) -> np.ndarray:
+    """float32 -> TF32 rounded to nearest, ties away from zero (PTX ``cvt.rna.tf32.f32``)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    special = (bits & _EXPONENT) == _EXPONENT
+    return np.where(special, bits, (bits + np.uint32(0x1000)) & _TF32_KEEP).view(np.float32)
+
+
+def _tensor_float32_dot(a: np.ndarray, b: np.ndarray, acc: np.ndarray, precision: str):
+    """acc + a @ b as a GPU computes it for float32 inputs at ``precision`` "TF32"/"TF32x3"."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if precision == "TF32":
+            return np.matmul(tf32_truncate(a), tf32_truncate(b), dtype=np.float32) + acc
+        a_big, b_big = tf32_round(a), tf32_round(b)
+        a_small, b_small = tf32_truncate(a - a_big), tf32_truncate(b - b_big)
+        out = np.matmul(a_small, b_big, dtype=np.float32) + acc
+        out = np.matmul(a_big, b_small, dtype=np.float32) + out
+        out = np.where(np.isnan(out), acc, out)
+        return (np.matmul(a_big, b_big, dtype=np.float32) + out).astype(np.float32)
+
+
+def _interpreter_module():
+    """triton.runtime.interpreter, or None when triton cannot be imported."""
+    try:
+        from triton.runtime import interpreter
+    except Exception:
+        return None
+    return interpreter
+
+
+def tensor_float32_dots() -> bool:
+    """Installs the TF32 rounding of float32 ``tl.dot`` once; True when it is active."""
+    if _STATE["tf32"]:
+        return True
+    interpreter = _interpreter_module()
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    original = getattr(builder, "create_dot", None)
+    if original is None or handle is None:
+        return False
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        precision = getattr(input_precision, "name", str(input_precision))
+        rounded = precision in ("TF32", "TF32x3") and not _STATE["exact"]
+        if rounded and a.data.dtype == b.data.dtype == np.float32:
+            out = _tensor_float32_dot(a.data, b.data, d.data, precision)
+            return handle(out.astype(d.data.dtype), d.dtype.scalar)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    _STATE["tf32"] = True
+    return True
 
 
 def _scalar_index(self) -> int:
@@ -91,3 +171,15 @@ def skip_repatching() -> bool:
     interpreter._patch_lang = patch_once_per_kernel
     _STATE["installed"] = True
     return True
+
+
+@contextlib.contextmanager
+def exact_float32_dots():
+    """Inside the block the interpreter's float32 dots are full float32 at every precision again
+    (tests that check a TF32 path's algebra to float32 tolerances)."""
+    before = _STATE["exact"]
+    _STATE["exact"] = True
+    try:
+        yield
+    finally:
+        _STATE["exact"] = before

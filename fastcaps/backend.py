@@ -80,9 +80,10 @@ def load_triton_ops() -> None:
         )
     if triton_available():
         if triton_interpreter_enabled():
-            from fastcaps._interpreter import scalar_loop_bounds
+            from fastcaps._interpreter import scalar_loop_bounds, tensor_float32_dots
 
             scalar_loop_bounds()
+            tensor_float32_dots()
         for module in _TRITON_MODULES:
             importlib.import_module(module)
     _TRITON_STATE["loaded"] = True

@@ -43,6 +43,12 @@ TOLERANCES = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (2e-3, 2e-3),
 }
+# float32 whose dots read TF32 inputs (10-bit mantissas; torch.set_float32_matmul_precision
+# "medium"): (fraction of the largest |expected| value, rtol). Routing amplifies input errors over
+# its iterations: the float64 reference itself, fed inputs cut to TF32, moves grad u of a 10 x 16
+# layer by 0.6% of its largest value at 4 iterations (0.1% at 2), so an elementwise bound cannot
+# hold; an algebra error moves values by their own size.
+TF32_TOLERANCE = (1e-2, 5e-3)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -113,8 +119,14 @@ SHAPES = [
 ]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                 tolerance: tuple[float, float] | None = None):  # fmt: skip
+    """``actual`` within ``dtype``'s (atol, rtol) of ``expected``, or within ``tolerance``
+    (peak fraction, rtol): atol the fraction of the largest |expected| (see TF32_TOLERANCE)."""
     atol, rtol = TOLERANCES[dtype]
+    if tolerance is not None:
+        peak, rtol = tolerance
+        atol = peak * expected.abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(
         actual.to(torch.float64),
         expected.to(torch.float64),
