@@ -88,6 +88,14 @@ def on_device(device, backend):
 
 
 @pytest.fixture
+def float32_matmul_precision():
+    """Sets torch's float32 matmul precision for a test and restores it after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
 def chunk_budget():
     """Sets the torch backend's chunk budget for one test, then restores the default."""
     from fastcaps import torch_backend

@@ -151,14 +151,6 @@ SPLIT_BACKWARD_CASES = {
 }
 
 
-@pytest.fixture
-def float32_matmul_precision():
-    """Sets torch's float32 matmul precision for a test and restores it after."""
-    before = torch.get_float32_matmul_precision()
-    yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(before)
-
-
 class _PhaseRecorder:
     """Stands in for a Triton kernel: records the PHASE of every launch and passes it on."""
 
