@@ -39,18 +39,22 @@ _TF32_KEEP = np.uint32(0xFFFFE000)  # sign, exponent and the top 10 mantissa bit
 _EXPONENT = np.uint32(0x7F800000)
 
 
-def tf32_truncate(x: np.ndarray) -> np.ndarray:
-    """float32 -> the TF32 value the tensor cores read (low 13 bits dropped; inf, NaN kept)."""
+def _to_tf32(x: np.ndarray, half_ulp: int) -> np.ndarray:
+    """float32 -> TF32 (inf and NaN kept): ``half_ulp`` 0 truncates, 0x1000 rounds to nearest
+    with ties away from zero."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     special = (bits & _EXPONENT) == _EXPONENT
-    return np.where(special, bits, bits & _TF32_KEEP).view(np.float32)
+    return np.where(special, bits, (bits + np.uint32(half_ulp)) & _TF32_KEEP).view(np.float32)
+
+
+def tf32_truncate(x: np.ndarray) -> np.ndarray:
+    """float32 -> the TF32 value the tensor cores read (the low 13 mantissa bits dropped)."""
+    return _to_tf32(x, 0)
 
 
 def tf32_round(x: np.ndarray) -> np.ndarray:
     """float32 -> TF32 rounded to nearest, ties away from zero (PTX ``cvt.rna.tf32.f32``)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    special = (bits & _EXPONENT) == _EXPONENT
-    return np.where(special, bits, (bits + np.uint32(0x1000)) & _TF32_KEEP).view(np.float32)
+    return _to_tf32(x, 0x1000)
 
 
 def _tensor_float32_dot(a: np.ndarray, b: np.ndarray, acc: np.ndarray, precision: str):
@@ -63,7 +67,7 @@ def _tensor_float32_dot(a: np.ndarray, b: np.ndarray, acc: np.ndarray, precision
         out = np.matmul(a_small, b_big, dtype=np.float32) + acc
         out = np.matmul(a_big, b_small, dtype=np.float32) + out
         out = np.where(np.isnan(out), acc, out)
-        return (np.matmul(a_big, b_big, dtype=np.float32) + out).astype(np.float32)
+        return np.matmul(a_big, b_big, dtype=np.float32) + out
 
 
 def _interpreter_module():
@@ -107,14 +111,11 @@ def scalar_loop_bounds() -> bool:
     """Installs the ``__index__`` fix once; True when it is active."""
     if _STATE["index_fixed"]:
         return True
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except Exception:
-        return False
+    interpreter = _interpreter_module()
     original = getattr(interpreter, "_patch_lang", None)
     if original is None:
         return False
+    import triton.language as tl
 
     def patch_with_scalar_index(fn):
         scope = original(fn)
@@ -136,10 +137,7 @@ def skip_repatching() -> bool:
     """Installs the shortcut once; True when it is active."""
     if _STATE["installed"]:
         return True
-    try:
-        from triton.runtime import interpreter
-    except Exception:
-        return False
+    interpreter = _interpreter_module()
     original = getattr(interpreter, "_patch_lang", None)
     if original is None:
         return False
