@@ -286,7 +286,7 @@ def routing_backward(
     if plan.chunked and last_only:  # the last iteration's statistics
         last = iterations - 1
         _softmax_stats(source, plan, V_all, grad_s_all, lse, inner, last, slots - 1, False)
-    pairs = plan.pairs
+    pairs = plan.pairs_for(stored)
     grads = _allocate_input_grads(source, plan, grad_s_all)
     out = (grads.grad_u_hat, grads.grad_u, grads.grad_weight)
     present = next(t for t in out if t is not None)

@@ -151,15 +151,16 @@ SPLIT_BACKWARD_CASES = {
 }
 
 
-class _PhaseRecorder:
-    """Stands in for a Triton kernel: records the PHASE of every launch and passes it on."""
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: records one keyword (a constexpr) of every launch and
+    passes the launch on."""
 
-    def __init__(self, kernel):
-        self.kernel, self.phases = kernel, []
+    def __init__(self, kernel, keyword: str):
+        self.kernel, self.keyword, self.values = kernel, keyword, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.phases.append(kwargs["PHASE"])
+            self.values.append(kwargs[self.keyword])
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -185,7 +186,7 @@ def test_triton_two_pass_backward_matches_reference(
     from fastcaps._interpreter import exact_float32_dots
     from fastcaps.triton_launch import override_routing_plan
 
-    recorder = _PhaseRecorder(triton_routing.routing_backward_partial_kernel)
+    recorder = _LaunchRecorder(triton_routing.routing_backward_partial_kernel, "PHASE")
     monkeypatch.setattr(triton_routing, "routing_backward_partial_kernel", recorder)
     float32_matmul_precision("medium")
     shape = SPLIT_BACKWARD_CASES[case]
@@ -197,7 +198,7 @@ def test_triton_two_pass_backward_matches_reference(
     ):
         check_capsule_routing("triton", u, weight, bias, iterations, False, torch.float32, case,
                               None if exact else TF32_TOLERANCE)  # fmt: skip
-    assert recorder.phases == [1, 2] * (iterations - 1)
+    assert recorder.values == [1, 2] * (iterations - 1)
 
 
 @pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
@@ -218,6 +219,50 @@ def test_two_pass_backward_only_where_it_is_modelled_faster(float32_matmul_preci
     assert split(128, torch.float32) is None  # 3-pass TF32 models slower in two passes
     float32_matmul_precision("medium")
     assert split(128, torch.float32).precision == "tf32"
+
+
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+@pytest.mark.parametrize("stored", [True, False], ids=["stored-coefficients", "recomputed"])
+def test_pairs_kernel_takes_3_pass_tf32_only_from_stored_coefficients(
+    device, monkeypatch, float32_matmul_precision, stored
+):
+    """Under "high" the pairs kernel reads TF32 operand splits when it reads the stored
+    coefficients, and keeps full-float32 dots where it recomputes them (TF32 there spills on
+    sm_90); both within the float32 tolerances (the TF32 splits rounded as on a GPU)."""
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    import fastcaps.triton_routing as triton_routing
+    from fastcaps.triton_launch import override_routing_plan
+
+    recorder = _LaunchRecorder(triton_routing.routing_backward_pairs_kernel, "PRECISION")
+    monkeypatch.setattr(triton_routing, "routing_backward_pairs_kernel", recorder)
+    float32_matmul_precision("high")
+    u, weight, bias = make_layer_inputs(Shape(5, 9, 10, 16, 8), torch.float32, device, bias=True)
+    with override_routing_plan(store_coefficients=stored, capsules_per_slice=4):
+        check_capsule_routing("triton", u, weight, bias, 3, False, torch.float32, "high")
+    assert recorder.values == ["tf32x3" if stored else "ieee"]
+
+
+def test_plan_keeps_full_float32_dots_where_tf32_spills(float32_matmul_precision):
+    from fastcaps.triton_launch import predictions_plan, routing_plan
+
+    def plans():
+        layer = (128, 1152, 10, 16, 8, torch.float32, "cpu")
+        return routing_plan(*layer), predictions_plan(*layer)
+
+    float32_matmul_precision("high")
+    plan, predictions = plans()
+    assert plan.pairs_for(stored=True).precision == "tf32x3"
+    assert plan.pairs_for(stored=False).precision == "ieee"
+    assert plan.backward.precision == "ieee"
+    assert plan.forward.precision == "tf32x3"
+    assert predictions.pairs.precision == "tf32x3"  # reads grad u_hat: nothing recomputed
+    float32_matmul_precision("highest")
+    plan, predictions = plans()
+    assert {plan.pairs_for(stored=True).precision, predictions.pairs.precision} == {"ieee"}
+    float32_matmul_precision("medium")
+    plan, _ = plans()
+    assert plan.pairs_for(stored=False).precision == "tf32"
 
 
 # The predictions kernels share the routing kernels' tiles: capsules split across programs and
