@@ -315,6 +315,7 @@ def routing_plan(
     forward = replace(forward, dot_dtype=element, num_warps=4 if wide == 8 else forward.num_warps)
     # half inputs: the backward partial kernel's u_hat in float32 (FMA) keeps its tensor-core
     # layouts out of registers, which otherwise spill
+    three_pass = dtype == torch.float32 and dot_precision(dtype) == "tf32x3"
     backward = replace(
         _partial_tiling(
             batch, n_in, n_out, d_out, 32 if wide == 4 else 16, wide, target, parent_chunks
@@ -327,6 +328,17 @@ def routing_plan(
         ),
         dot_dtype=element,
     )
+    three_pass = three_pass and parent_chunks == 1
+    if three_pass:
+        # float32 under "high", parents not chunked: the backward partial kernel's u_hat dot in
+        # 3-pass TF32, with 16-sample blocks (32 spill; the pairs kernel keeps the 32 above).
+        # Static sm_90 model, MNIST float32, its two launches: B=128 81.4 -> 67.3 us (Triton
+        # 3.6: 111.5 -> 79.0), B=512 317.1 -> 258.3. Not with chunked parents (100 classes,
+        # B=32: 123.2 -> 140.4), and full-float32 FMA dots gain nothing from 16 (B=128: 83.1)
+        backward = replace(
+            _partial_tiling(batch, n_in, n_out, d_out, 16, wide, target, parent_chunks),
+            dot_dtype=tl.float32,
+        )
     stats = replace(_partial_tiling(batch, n_in, n_out, d_out, 32 if wide == 4 else 16, wide,
                                     target),
                     dot_dtype=backward.dot_dtype)  # fmt: skip
@@ -350,10 +362,10 @@ def routing_plan(
             tilings[name] = None
             continue
         operand = TORCH_DTYPES[tiling.dot_dtype]
-        # the one-pass backward partial kernel keeps full-precision float32 FMA dots whatever
-        # the setting: its tensor-core layouts spill (the pairs kernel's: see pairs_for)
+        # the one-pass backward partial kernel keeps full-precision float32 FMA dots but under
+        # "high" (the pairs kernel: see pairs_for)
         precision = dot_precision(operand)
-        if name == "backward":
+        if name == "backward" and not three_pass:
             precision = "ieee"
         kp = max(triton.next_power_of_2(d_in), min_dot_k(operand))
         tilings[name] = replace(tiling, kp=kp, precision=precision)

@@ -254,15 +254,18 @@ def test_plan_keeps_full_float32_dots_where_tf32_spills(float32_matmul_precision
     plan, predictions = plans()
     assert plan.pairs_for(stored=True).precision == "tf32x3"
     assert plan.pairs_for(stored=False).precision == "ieee"
-    assert plan.backward.precision == "ieee"
+    assert (plan.backward.precision, plan.backward.block_b) == ("tf32x3", 16)  # 32 spill
+    assert plan.pairs.block_b == 32
     assert plan.forward.precision == "tf32x3"
     assert predictions.pairs.precision == "tf32x3"  # reads grad u_hat: nothing recomputed
     float32_matmul_precision("highest")
     plan, predictions = plans()
     assert {plan.pairs_for(stored=True).precision, predictions.pairs.precision} == {"ieee"}
+    assert (plan.backward.precision, plan.backward.block_b) == ("ieee", 32)
     float32_matmul_precision("medium")
     plan, _ = plans()
     assert plan.pairs_for(stored=False).precision == "tf32"
+    assert plan.backward.precision == "ieee"  # the two-pass split_backward takes 1-pass TF32
 
 
 # The predictions kernels share the routing kernels' tiles: capsules split across programs and
