@@ -118,12 +118,21 @@ def _describe(value) -> Hashable:
     return value
 
 
+@torch.compiler.assume_constant_result
+def _float32_matmul_precision() -> str:
+    # a constant to torch.compile, which cannot trace the getter (it returns a str)
+    return torch.get_float32_matmul_precision()
+
+
 def signature(op: str, args: tuple, kwargs: dict) -> tuple:
     """What a decision is keyed by: the op, every argument (tensors by shape, dtype, contiguity
-    and device) and whether the call builds a graph for backward."""
+    and device), torch's float32 matmul precision (it sets both backends' float32 dots: TF32 in
+    cuBLAS and in the Triton kernels) and, last, whether the call builds a graph for
+    backward."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return (op, _describe(args), tuple(sorted((k, _describe(v)) for k, v in kwargs.items())), grad)
+    options = tuple(sorted((k, _describe(v)) for k, v in kwargs.items()))
+    return (op, _describe(args), options, _float32_matmul_precision(), grad)
 
 
 def _runner(fn: Callable, args: tuple, kwargs: dict, grad: bool) -> Callable[[], object]:

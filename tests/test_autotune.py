@@ -80,6 +80,20 @@ def test_each_signature_is_timed_once(tuner):
     assert grad_modes == {True, False}
 
 
+def test_a_float32_matmul_precision_change_is_timed_anew(tuner, float32_matmul_precision):
+    # TF32 speeds up both backends' float32 dots by different amounts: a decision made under
+    # one setting says nothing about another
+    tuner.timer = FakeTimer(1.0, 2.0, 2.0, 1.0)
+    u, weight = layer()
+    float32_matmul_precision("highest")
+    fastcaps.capsule_routing(u, weight)
+    float32_matmul_precision("high")
+    fastcaps.capsule_routing(u, weight)
+    assert tuner.timer.calls == 4
+    chosen = {key[-2]: decision.backend for key, decision in tuner.decisions.items()}
+    assert chosen == {"highest": "torch", "high": "triton"}
+
+
 def test_tuning_leaves_the_callers_tensors_alone(tuner):
     tuner.timer = FakeTimer(2.0, 1.0)
     u, weight = layer()
