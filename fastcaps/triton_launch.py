@@ -315,7 +315,6 @@ def routing_plan(
     forward = replace(forward, dot_dtype=element, num_warps=4 if wide == 8 else forward.num_warps)
     # half inputs: the backward partial kernel's u_hat in float32 (FMA) keeps its tensor-core
     # layouts out of registers, which otherwise spill
-    three_pass = dtype == torch.float32 and dot_precision(dtype) == "tf32x3"
     backward = replace(
         _partial_tiling(
             batch, n_in, n_out, d_out, 32 if wide == 4 else 16, wide, target, parent_chunks
@@ -328,6 +327,7 @@ def routing_plan(
         ),
         dot_dtype=element,
     )
+    three_pass = dtype == torch.float32 and dot_precision(dtype) == "tf32x3"
     three_pass = three_pass and parent_chunks == 1
     if three_pass:
         # float32 under "high", parents not chunked: the backward partial kernel's u_hat dot in
