@@ -162,14 +162,17 @@ class RoutingPlan:
 
     def pairs_for(self, stored: bool) -> Tiling:
         """The pairs kernel's tiling when it reads the stored coefficients (``stored``) or
-        recomputes u_hat and the coefficients. 3-pass TF32 ("high") only in the former: the
-        recomputing kernel keeps more tiles live, and with TF32 operand splits it spills (MNIST
-        B=128 float32, detach_logits: 808 B), so it keeps full-float32 FMA dots. Static sm_90
-        model, MNIST B=128 float32 "high", the pairs kernel with stored coefficients: 101.4 us
-        on the FMA units, 72.9 us in 3-pass TF32."""
-        if not stored and self.pairs.precision == "tf32x3":
-            return replace(self.pairs, precision="ieee")
-        return self.pairs
+        recomputes u_hat and the coefficients. Tensor cores (half inputs, TF32) only in the
+        former: the recomputing kernel keeps more tiles live, and on tensor-core layouts it
+        spills (MNIST B=128, detach_logits: float32 "high" 808 B, bfloat16 424 B; 6 iterations:
+        bfloat16 760 B, float32 "medium" 768 B), so it runs full-float32 FMA dots (half inputs
+        cast up). Static sm_90 model, MNIST bfloat16 forward + backward, detach_logits: B=128
+        125.2 -> 107.9 us, B=32 70.3 -> 64.7; 6 iterations: B=128 946.7 -> 452.9. With stored
+        coefficients, MNIST B=128 float32 "high": the pairs kernel 101.4 us on the FMA units,
+        72.9 us in 3-pass TF32."""
+        if stored or self.pairs.dot_dtype == tl.float64:
+            return self.pairs
+        return replace(self.pairs, dot_dtype=tl.float32, precision="ieee")
 
     def kernel_options(self, tiling: Tiling) -> dict:
         """The constexprs and launch options of a routing kernel with this tiling."""
@@ -292,7 +295,8 @@ def routing_plan(
 ) -> RoutingPlan:
     """The tiling of the routing kernels for a layer on ``device`` (see RoutingPlan): blocks of
     up to 64 samples in the forward kernels, 32 in the backward ones, which keep more tiles in
-    registers (16 for float64, whose values take two registers each)."""
+    registers (16 for float64, whose values take two registers each; 16 where a tensor-core dot
+    would spill at 32)."""
     target = _PLAN_OVERRIDES.get("programs") or multiprocessors(torch.device(device))
     element = TL_DTYPES[dtype]
     wide = 8 if dtype == torch.float64 else 4  # bytes of the math type: smaller float64 tiles
@@ -313,13 +317,28 @@ def routing_plan(
                               parent_chunks)  # fmt: skip
     # float64 forward: 4 warps (8 make ptxas spill around the float64 dot)
     forward = replace(forward, dot_dtype=element, num_warps=4 if wide == 8 else forward.num_warps)
-    # half inputs: the backward partial kernel's u_hat in float32 (FMA) keeps its tensor-core
-    # layouts out of registers, which otherwise spill
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (
+        dtype == torch.float32 and dot_precision(dtype) != "ieee"
+    )
+    if tensor_cores and forward.block_b == 32:
+        # where the blocks would be 32 samples (batches of about 64), u_hat on the tensor cores
+        # takes 16 (4 warps, two programs per SM): at 32 its tensor-core layouts spill (MNIST
+        # B=64: bfloat16 240 B, float32 "high" 256 B; with 4 warps 256-328 B). Static sm_90
+        # model, MNIST B=64 forward + backward, with the backward's rules below: bfloat16
+        # 134.9 -> 122.6 us, float32 "high" 164.4 -> 129.4, "medium" 130.6 -> 110.2
+        forward = replace(
+            _partial_tiling(batch, n_in, n_out, d_out, 16, wide, target, parent_chunks),
+            dot_dtype=element,
+        )
+    # the backward partial kernel holds more tiles than the forward: 32-sample blocks (16 for
+    # float64) and its u_hat dot on the FMA units in full float32 (half inputs too), whose
+    # tensor-core layouts would spill at 32
+    work = tl.float64 if dtype == torch.float64 else tl.float32
     backward = replace(
         _partial_tiling(
             batch, n_in, n_out, d_out, 32 if wide == 4 else 16, wide, target, parent_chunks
         ),
-        dot_dtype=tl.float64 if dtype == torch.float64 else tl.float32,
+        dot_dtype=work,
     )
     pairs = replace(
         _pairs_tiling(
@@ -327,21 +346,23 @@ def routing_plan(
         ),
         dot_dtype=element,
     )
-    three_pass = dtype == torch.float32 and dot_precision(dtype) == "tf32x3"
-    three_pass = three_pass and parent_chunks == 1
-    if three_pass:
-        # float32 under "high", parents not chunked: the backward partial kernel's u_hat dot in
-        # 3-pass TF32, with 16-sample blocks (32 spill; the pairs kernel keeps the 32 above).
-        # Static sm_90 model, MNIST float32, its two launches: B=128 81.4 -> 67.3 us (Triton
-        # 3.6: 111.5 -> 79.0), B=512 317.1 -> 258.3. Not with chunked parents (100 classes,
-        # B=32: 123.2 -> 140.4), and full-float32 FMA dots gain nothing from 16 (B=128: 83.1)
-        backward = replace(
-            _partial_tiling(batch, n_in, n_out, d_out, 16, wide, target, parent_chunks),
-            dot_dtype=tl.float32,
-        )
     stats = replace(_partial_tiling(batch, n_in, n_out, d_out, 32 if wide == 4 else 16, wide,
                                     target),
-                    dot_dtype=backward.dot_dtype)  # fmt: skip
+                    dot_dtype=work)  # fmt: skip
+    # where the u_hat dot may run on the tensor cores (half inputs; float32 under "high" or
+    # "medium") and the parents are not chunked, the one-pass backward partial kernel runs it
+    # there, with 16-sample blocks (the pairs kernel keeps the blocks above). Static sm_90
+    # model, forward + backward: MNIST bfloat16 B=32 110.0 -> 106.0 us, B=64 134.9 -> 132.1,
+    # 6 iterations B=128 960.8 -> 946.7; float32 "high" B=128 232.7 -> 218.6 (Triton 3.6:
+    # 302.2 -> 269.7), B=512 841.2 -> 782.3. Not with chunked parents (100 classes B=32,
+    # bfloat16 1,125 -> 1,268), and full-float32 FMA dots gain nothing from 16 (float32
+    # B=128: 81.4 -> 83.1 us for the two launches)
+    tensor_core_backward = tensor_cores and parent_chunks == 1
+    if tensor_core_backward:
+        backward = replace(
+            _partial_tiling(batch, n_in, n_out, d_out, 16, wide, target, parent_chunks),
+            dot_dtype=element,
+        )
     # where the u_hat dot runs on the tensor cores in one pass (half inputs, or float32 under
     # "medium") with the forward's 64-sample blocks (batches of about 128 and more) and the
     # parents are not chunked: the backward partial sums as two passes (PHASE 1, then 2) of
@@ -362,10 +383,14 @@ def routing_plan(
             tilings[name] = None
             continue
         operand = TORCH_DTYPES[tiling.dot_dtype]
-        # the one-pass backward partial kernel keeps full-precision float32 FMA dots but under
-        # "high" (the pairs kernel: see pairs_for)
+        # the one-pass backward partial kernel's FMA dots are full-precision float32 (the
+        # pairs kernel's: see pairs_for)
         precision = dot_precision(operand)
-        if name == "backward" and not three_pass:
+        if name == "backward" and not tensor_core_backward:
+            precision = "ieee"
+        if name == "stats" and precision == "tf32x3":
+            # chunked parents' softmax statistics: 3-pass TF32 spills (100 classes B=32: 16 B);
+            # full float32 is modelled faster as well (forward + backward 1,180.7 -> 1,119.2 us)
             precision = "ieee"
         kp = max(triton.next_power_of_2(d_in), min_dot_k(operand))
         tilings[name] = replace(tiling, kp=kp, precision=precision)

@@ -223,12 +223,14 @@ def test_two_pass_backward_only_where_it_is_modelled_faster(float32_matmul_preci
 
 @pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
 @pytest.mark.parametrize("stored", [True, False], ids=["stored-coefficients", "recomputed"])
-def test_pairs_kernel_takes_3_pass_tf32_only_from_stored_coefficients(
-    device, monkeypatch, float32_matmul_precision, stored
+@pytest.mark.parametrize("setting", ["high", "medium"])
+def test_pairs_kernel_takes_tf32_only_from_stored_coefficients(
+    device, monkeypatch, float32_matmul_precision, setting, stored
 ):
-    """Under "high" the pairs kernel reads TF32 operand splits when it reads the stored
-    coefficients, and keeps full-float32 dots where it recomputes them (TF32 there spills on
-    sm_90); both within the float32 tolerances (the TF32 splits rounded as on a GPU)."""
+    """Under "high" and "medium" the pairs kernel's dots read TF32 inputs when it reads the
+    stored coefficients, and stay full float32 where it recomputes them (TF32 there spills on
+    sm_90); within the float32 tolerances under "high", TF32_TOLERANCE under "medium" (the
+    TF32 inputs rounded as on a GPU)."""
     if device.type == "cpu" and CUDA:
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
     import fastcaps.triton_routing as triton_routing
@@ -236,36 +238,50 @@ def test_pairs_kernel_takes_3_pass_tf32_only_from_stored_coefficients(
 
     recorder = _LaunchRecorder(triton_routing.routing_backward_pairs_kernel, "PRECISION")
     monkeypatch.setattr(triton_routing, "routing_backward_pairs_kernel", recorder)
-    float32_matmul_precision("high")
+    float32_matmul_precision(setting)
     u, weight, bias = make_layer_inputs(Shape(5, 9, 10, 16, 8), torch.float32, device, bias=True)
+    tolerance = None if setting == "high" else TF32_TOLERANCE
     with override_routing_plan(store_coefficients=stored, capsules_per_slice=4):
-        check_capsule_routing("triton", u, weight, bias, 3, False, torch.float32, "high")
-    assert recorder.values == ["tf32x3" if stored else "ieee"]
+        check_capsule_routing("triton", u, weight, bias, 3, False, torch.float32, setting,
+                              tolerance)  # fmt: skip
+    tf32 = {"high": "tf32x3", "medium": "tf32"}[setting]
+    assert recorder.values == [tf32 if stored else "ieee"]
 
 
-def test_plan_keeps_full_float32_dots_where_tf32_spills(float32_matmul_precision):
-    from fastcaps.triton_launch import predictions_plan, routing_plan
+def test_plan_keeps_tensor_core_dots_out_of_the_variants_that_spill(float32_matmul_precision):
+    """The rules of routing_plan that keep the static sm_90 check spill-free (and are modelled
+    faster): which kernels take the tensor cores, and with which sample blocks."""
+    from fastcaps.triton_launch import TL_DTYPES, predictions_plan, routing_plan
 
-    def plans():
-        layer = (128, 1152, 10, 16, 8, torch.float32, "cpu")
+    def plans(batch=128, dtype=torch.float32, n_out=10):
+        layer = (batch, 1152, n_out, 16, 8, dtype, "cpu")
         return routing_plan(*layer), predictions_plan(*layer)
 
     float32_matmul_precision("high")
     plan, predictions = plans()
     assert plan.pairs_for(stored=True).precision == "tf32x3"
-    assert plan.pairs_for(stored=False).precision == "ieee"
+    assert plan.pairs_for(stored=False).precision == "ieee"  # recomputing u_hat
     assert (plan.backward.precision, plan.backward.block_b) == ("tf32x3", 16)  # 32 spill
     assert plan.pairs.block_b == 32
     assert plan.forward.precision == "tf32x3"
     assert predictions.pairs.precision == "tf32x3"  # reads grad u_hat: nothing recomputed
+    assert plans(64)[0].forward.block_b == 16  # 32-sample tensor-core blocks spill
+    chunked, _ = plans(32, n_out=100)
+    assert chunked.stats.precision == "ieee" and chunked.backward.precision == "ieee"
     float32_matmul_precision("highest")
     plan, predictions = plans()
     assert {plan.pairs_for(stored=True).precision, predictions.pairs.precision} == {"ieee"}
     assert (plan.backward.precision, plan.backward.block_b) == ("ieee", 32)
+    assert plans(64)[0].forward.block_b == 32  # FMA dots: no spill there
     float32_matmul_precision("medium")
     plan, _ = plans()
-    assert plan.pairs_for(stored=False).precision == "tf32"
-    assert plan.backward.precision == "ieee"  # the two-pass split_backward takes 1-pass TF32
+    assert plan.pairs_for(stored=True).precision == "tf32"
+    assert plan.pairs_for(stored=False).precision == "ieee"
+    bf16 = TL_DTYPES[torch.bfloat16]
+    plan, _ = plans(32, torch.bfloat16)
+    assert plan.pairs_for(stored=True).dot_dtype == bf16
+    assert plan.pairs_for(stored=False).dot_dtype == TL_DTYPES[torch.float32]
+    assert (plan.backward.dot_dtype, plan.backward.block_b) == (bf16, 16)
 
 
 # The predictions kernels share the routing kernels' tiles: capsules split across programs and
