@@ -435,7 +435,7 @@ def spill_tolerated(scenario: dict, launch: dict, triton_version: str) -> bool:
         allowed = TRITON_36_SPILLS.get(key, 0)
         if scenario.get("options", {}).get("float32_precision") == "high":
             allowed = max(allowed, TRITON_36_HIGH_SPILLS.get(key, 0))
-        recomputing = launch["constexprs"].get("STORED_COEFFICIENTS") is False
+        recomputing = launch.get("constexprs", {}).get("STORED_COEFFICIENTS") is False
         if key == ("float32", "routing_backward_pairs_kernel") and recomputing:
             allowed = max(allowed, TRITON_36_RECOMPUTING_PAIRS_SPILL)
         return dtype == "float64" or launch["local_bytes"] <= allowed

@@ -103,6 +103,13 @@ def test_every_launched_variant_compiles_for_sm90_without_spills(tmp_path):
         ("float64", "routing_backward_pairs_kernel", 264, "3.6.0", True),
         ("float64", "routing_backward_pairs_kernel", 8, "3.9.0", False),
         ("bfloat16", "routing_forward_partial_kernel", 8, "3.6.0", False),
+        # under "high" only, and the float32 pairs kernel where it recomputes u_hat
+        ("float32", "predictions_backward_kernel", 32, "3.6.0/high", True),
+        ("float32", "predictions_backward_kernel", 32, "3.6.0", False),
+        ("float32", "predictions_backward_kernel", 40, "3.6.0/high", False),
+        ("float32", "routing_backward_pairs_kernel", 168, "3.6.0/recomputing", True),
+        ("float32", "routing_backward_pairs_kernel", 168, "3.6.0", False),
+        ("float32", "routing_backward_pairs_kernel", 168, "3.9.0/recomputing", False),
     ],
     ids=lambda x: str(x),
 )
@@ -111,8 +118,11 @@ def test_spills_tolerated_under_triton_36_only_up_to_their_limit(
 ):
     from benchmarks.gpu_static import spill_tolerated
 
-    scenario = {"dtype": dtype, "op": "capsule_routing"}
-    launch = {"kernel": kernel, "local_bytes": spilled, "spills": True}
+    version, _, case = version.partition("/")
+    options = {"float32_precision": "high"} if case == "high" else {}
+    scenario = {"dtype": dtype, "op": "capsule_routing", "options": options}
+    launch = {"kernel": kernel, "local_bytes": spilled, "spills": True,
+              "constexprs": {"STORED_COEFFICIENTS": case != "recomputing"}}  # fmt: skip
     assert spill_tolerated(scenario, launch, version) is tolerated
 
 
