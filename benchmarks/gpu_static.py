@@ -113,7 +113,9 @@ def _legacy_pairs_trips(a: dict) -> list[float]:
 
 
 LOOP_TRIPS = {
-    "routing_forward_partial_kernel": lambda a: [_per_slice(a)],
+    "routing_forward_partial_kernel": lambda a: (
+        [_per_slice(a) / a["STACKED"]] if a.get("STACKED", 0) > 1 else [_per_slice(a)]
+    ),
     "routing_backward_partial_kernel": lambda a: [_per_slice(a)],
     "routing_forward_combine_kernel": lambda a: [a["slices"] - 1],
     "routing_backward_combine_kernel": lambda a: [a["slices"] - 1],
@@ -394,10 +396,14 @@ def ffma_floor_us(scenario: dict, model: dict) -> float:
 # these bytes per (dtype, kernel): the float32 forward partial kernel at 64 samples per program
 # (40 B; 32 samples per program is spill-free but modelled slower, MNIST B=128 forward 117.2 ->
 # 136.5 us, and makes bfloat16 spill 216-240 B; fewer or more pipeline stages spill more) and the
-# pairs kernel of 1-pass TF32 (8 B). Triton 3.6 spills in float64 variants as well (tests only).
+# pairs kernel of 1-pass TF32 (8 B), and the predictions backward with chunked parents (100
+# classes B=32: 8 B with Din padded to 8, an N of its dots; padded to 16, 3.6's minimum K, it is
+# spill-free but modelled 223.6 -> 336.0 us). Triton 3.6 spills in float64 variants as well
+# (tests only).
 TRITON_36_SPILLS = {
     ("float32", "routing_forward_partial_kernel"): 40,
     ("float32", "routing_backward_pairs_kernel"): 8,
+    ("float32", "predictions_backward_kernel"): 8,
 }
 # and under the 3-pass TF32 opt-in (`"high"`), whose TF32 operand splits take more registers:
 # MNIST B=128, self-attention routing's backward partial and pairs kernels (16 B each; modelled

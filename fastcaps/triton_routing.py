@@ -36,6 +36,7 @@ from fastcaps.triton_launch import (
     combine_launch,
     compute_dtype,
     routing_plan,
+    stacked_capsules,
     store_coefficients,
 )
 from fastcaps.triton_predictions import predictions_op
@@ -150,6 +151,7 @@ def routing_forward(
             *source.pointers(), V_all, lse, prior, partial, batch, n_in, n_out, d_out,
             tiling.capsules_per_slice, plan.parent_chunks, r, *source.strides(), *prior_strides,
             UNIFORM=r == 0, CHUNKED=plan.chunked, HAS_PRIOR=has_prior and r > 0,
+            STACKED=stacked_capsules(tiling, source.din) if r == 0 else 1,
             **source.constexprs(plan, tiling, dtype),
         )  # fmt: skip
         routing_forward_combine_kernel[combine.grid](

@@ -9,7 +9,9 @@ Tiling. A program owns a block of BLOCK_B samples and a slice of consecutive inp
 each capsule of its slice it forms the u_hat tile of all its samples at once, either by loading
 it (a stored u_hat) or, with FROM_WEIGHT, as one matrix product on ``tl.dot``:
 ``U_i [BLOCK_B, Din] @ W_i^T [Din, Nout * Dout]`` (Din padded to the dot's minimum K with zeros,
-float32 accumulation; ``PRECISION`` chooses the float32 dot: "ieee" by default). The parents are
+float32 accumulation; ``PRECISION`` chooses the float32 dot: "ieee" by default). The first
+forward pass (r = 0), a plain sum of u_hat, stacks STACKED capsules into each dot's K instead
+(``[U_i1 .. U_iS] @ [W_i1^T; ..; W_iS^T]``) where Din is below the dot's minimum K. The parents are
 split into two power-of-two groups, A (the largest power of two <= Nout) and B (the rest,
 rounded up; absent when Nout is a power of two), so Nout = 10 runs as 8 + 2 parents with nothing
 padded. The per-parent work (agreement, softmax over the parents, weighted sums) runs on the
@@ -27,7 +29,8 @@ go_r``): ``gc_r,ij = u_hat_ij . gs_r,j``, ``ga_r = c_r (gc_r - sum_j c_r gc_r)``
 (``go_(R-1)`` is grad v). The pairs kernel then forms
 ``g_u_hat_ij = sum_r c_r,ij gs_r,j + ga_r,ij V_r,j`` per tile and stores it (stored u_hat) or
 contracts it at once, again on ``tl.dot``, into ``grad u_i = g_u_hat_i @ W_i`` and
-``grad W_i += g_u_hat_i^T @ U_i`` (FROM_WEIGHT). With LAST_ONLY (detach_logits, or a single
+``grad W_i += g_u_hat_i^T @ U_i`` (FROM_WEIGHT; Din is only an N of these dots, padded to 8, not
+to the minimum K, unless the kernel recomputes u_hat). With LAST_ONLY (detach_logits, or a single
 iteration) only the last weighted sum is differentiated.
 
 All offsets are int64; all arithmetic is in COMPUTE_DTYPE (float32, or float64 for float64).
@@ -236,6 +239,52 @@ def _over_sqrt(x, d_out):
 
 
 @triton.jit
+def _stacked_dot(acc, U, w_ptr, capsule, rows_mask, kk, j0, n_out, d_out, stride_w_i,
+                 stride_w_j, stride_w_d, stride_w_k, JG: tl.constexpr, DP: tl.constexpr,
+                 PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_B, JG * DP] + U @ the stacked weight tile [W_i1^T; ..; W_iS^T] of a parent
+    group (row m: capsule[m], input dim kk[m]; masked by rows_mask)."""
+    n = tl.arange(0, JG * DP)
+    j = j0 + (n // DP).to(tl.int64)
+    d = (n % DP).to(tl.int64)
+    rows = capsule * stride_w_i + kk * stride_w_k
+    W = tl.load(w_ptr + rows[:, None] + (j * stride_w_j + d * stride_w_d)[None, :],
+                mask=rows_mask[:, None] & ((j < n_out) & (d < d_out))[None, :],
+                other=0.0)  # fmt: skip
+    return tl.dot(U.to(DOT_DTYPE), W.to(DOT_DTYPE), acc, input_precision=PRECISION,
+                  out_dtype=acc.dtype)  # fmt: skip
+
+
+@triton.jit
+def _stacked_sum(sum_a, sum_b, u_ptr, w_ptr, b, b_mask, j0, first, last, n_out, d_out,
+                 stride_u_b, stride_u_i, stride_u_k, stride_w_i, stride_w_j, stride_w_d,
+                 stride_w_k, DIN: tl.constexpr, STACKED: tl.constexpr, HAS_B: tl.constexpr,
+                 JA: tl.constexpr, JB: tl.constexpr, DP: tl.constexpr,
+                 PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
+    """The sum over the capsules [first, last) of u_hat (both parent groups), STACKED capsules
+    per dot: ``[U_i1 .. U_iS] [BLOCK_B, S * DINP] @ [W_i1^T; ..; W_iS^T] [S * DINP, JG * DP]``,
+    so that a Din below the dot's minimum K fills it with capsules instead of zeros."""
+    DINP: tl.constexpr = triton.next_power_of_2(DIN)
+    m = tl.arange(0, STACKED * DINP)
+    c = (m // DINP).to(tl.int64)
+    kk = (m % DINP).to(tl.int64)
+    for c0 in range(first, last, STACKED):
+        capsule = c0 + c
+        rows_mask = (capsule < last) & (kk < DIN)
+        U = tl.load(u_ptr + b[:, None] * stride_u_b + (capsule * stride_u_i
+                                                       + kk * stride_u_k)[None, :],
+                    mask=b_mask[:, None] & rows_mask[None, :], other=0.0)  # fmt: skip
+        sum_a = _stacked_dot(sum_a, U, w_ptr, capsule, rows_mask, kk, j0, n_out, d_out,
+                             stride_w_i, stride_w_j, stride_w_d, stride_w_k, JA, DP, PRECISION,
+                             DOT_DTYPE)  # fmt: skip
+        if HAS_B:
+            sum_b = _stacked_dot(sum_b, U, w_ptr, capsule, rows_mask, kk, JA, n_out, d_out,
+                                 stride_w_i, stride_w_j, stride_w_d, stride_w_k, JB, DP,
+                                 PRECISION, DOT_DTYPE)  # fmt: skip
+    return sum_a, sum_b
+
+
+@triton.jit
 def routing_forward_partial_kernel(
     u_hat_ptr,
     u_ptr,
@@ -277,13 +326,15 @@ def routing_forward_partial_kernel(
     PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    STACKED: tl.constexpr,
 ):
     """Grid (slices * sample blocks * parent chunks,): ``partial[slice, b] = sum over the slice of
     c_r u_hat`` into a contiguous [slices, B, Nout, Dout] (COMPUTE_DTYPE). UNIFORM (r = 0): the
     plain sum of u_hat (c = 1/Nout is applied by the combine kernel), V unread. CHUNKED: a
     program owns JA parents from ``chunk * JA`` and reads each sample's log-sum-exp of the logits
     from stats ([B, Nin], ``routing_softmax_stats_kernel``); else it owns all parents.
-    HAS_PRIOR (self-attention routing): c_r = softmax + prior ([Nin, Nout])."""
+    HAS_PRIOR (self-attention routing): c_r = softmax + prior ([Nin, Nout]). STACKED > 1
+    (UNIFORM with FROM_WEIGHT): the sum's dots take that many capsules each."""
     HAS_B: tl.constexpr = JB > 0
     JBG: tl.constexpr = JB if HAS_B else JA
     slice_id, b, b_mask, first, last, j0 = _program_block(
@@ -314,7 +365,16 @@ def routing_forward_partial_kernel(
             V_b = tl.load(V_all_ptr + V_offset + state_b, mask=mask_b, other=0.0)
     sum_a = tl.zeros((BLOCK_B, JA * DP), dtype=COMPUTE_DTYPE)
     sum_b = tl.zeros((BLOCK_B, JBG * DP), dtype=COMPUTE_DTYPE)
-    for capsule in range(first, last):
+    if UNIFORM and FROM_WEIGHT and STACKED > 1:
+        sum_a, sum_b = _stacked_sum(sum_a, sum_b, u_ptr, w_ptr, b, b_mask, j0, first, last,
+                                    n_out, d_out, stride_u_b, stride_u_i, stride_u_k,
+                                    stride_w_i, stride_w_j, stride_w_d, stride_w_k, DIN,
+                                    STACKED, HAS_B, JA, JB, DP, PRECISION,
+                                    DOT_DTYPE)  # fmt: skip
+        capsules = 0  # the loop below has nothing left to do
+    else:
+        capsules = last - first
+    for capsule in range(first, first + capsules):
         capsule = tl.cast(capsule, tl.int64)
         U = u_offsets  # unused without FROM_WEIGHT
         if FROM_WEIGHT:

@@ -251,7 +251,13 @@ def test_pairs_kernel_takes_tf32_only_from_stored_coefficients(
 def test_plan_keeps_tensor_core_dots_out_of_the_variants_that_spill(float32_matmul_precision):
     """The rules of routing_plan that keep the static sm_90 check spill-free (and are modelled
     faster): which kernels take the tensor cores, and with which sample blocks."""
-    from fastcaps.triton_launch import TL_DTYPES, predictions_plan, routing_plan
+    from fastcaps.triton_launch import (
+        TL_DTYPES,
+        min_dot_k,
+        predictions_plan,
+        routing_plan,
+        stacked_capsules,
+    )
 
     def plans(batch=128, dtype=torch.float32, n_out=10):
         layer = (batch, 1152, n_out, 16, 8, dtype, "cpu")
@@ -278,10 +284,21 @@ def test_plan_keeps_tensor_core_dots_out_of_the_variants_that_spill(float32_matm
     assert plan.pairs_for(stored=True).precision == "tf32"
     assert plan.pairs_for(stored=False).precision == "ieee"
     bf16 = TL_DTYPES[torch.bfloat16]
-    plan, _ = plans(32, torch.bfloat16)
+    plan, predictions = plans(32, torch.bfloat16)
     assert plan.pairs_for(stored=True).dot_dtype == bf16
     assert plan.pairs_for(stored=False).dot_dtype == TL_DTYPES[torch.float32]
     assert (plan.backward.dot_dtype, plan.backward.block_b) == (bf16, 16)
+    # Din is only an N of the pairs kernel's dots: padded to 8, not to the minimum K (16 for
+    # half inputs), except where the recomputing kernel's u_hat dot takes it as its K
+    assert (plan.backward.kp, plan.pairs_for(stored=True).kp) == (16, 8)
+    assert plan.pairs_for(stored=False).kp == max(8, min_dot_k(torch.float32))
+    assert predictions.pairs.kp == 8
+    small = routing_plan(32, 1152, 10, 16, 3, torch.bfloat16, "cpu")
+    wide = routing_plan(32, 1152, 10, 16, 12, torch.bfloat16, "cpu")
+    assert (small.pairs.kp, wide.pairs.kp) == (8, 16)
+    # the first forward pass stacks capsules into the K that Din leaves empty
+    assert (stacked_capsules(plan.forward, 8), stacked_capsules(small.forward, 3)) == (2, 4)
+    assert stacked_capsules(plans()[0].forward, 8) == min_dot_k(torch.float32) // 8
 
 
 # The predictions kernels share the routing kernels' tiles: capsules split across programs and

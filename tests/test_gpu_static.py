@@ -103,6 +103,8 @@ def test_every_launched_variant_compiles_for_sm90_without_spills(tmp_path):
         ("float64", "routing_backward_pairs_kernel", 264, "3.6.0", True),
         ("float64", "routing_backward_pairs_kernel", 8, "3.9.0", False),
         ("bfloat16", "routing_forward_partial_kernel", 8, "3.6.0", False),
+        ("float32", "predictions_backward_kernel", 8, "3.6.0", True),
+        ("float32", "predictions_backward_kernel", 16, "3.6.0", False),
         # under "high" only, and the float32 pairs kernel where it recomputes u_hat
         ("float32", "predictions_backward_kernel", 32, "3.6.0/high", True),
         ("float32", "predictions_backward_kernel", 32, "3.6.0", False),
