@@ -394,8 +394,9 @@ def ffma_floor_us(scenario: dict, model: dict) -> float:
 
 # Spills that Triton 3.6 (the lent H100's toolchain) makes and 3.9 does not, tolerated up to
 # these bytes per (dtype, kernel): the float32 forward partial kernel at 64 samples per program
-# (40 B; 32 samples per program is spill-free but modelled slower, MNIST B=128 forward 117.2 ->
-# 136.5 us, and makes bfloat16 spill 216-240 B; fewer or more pipeline stages spill more) and the
+# (40 B; 32 samples per program is modelled slower, MNIST B=128 forward 104.6 -> 120.0 us, spills
+# 8 B in the first pass and makes bfloat16 spill 216-240 B; fewer or more pipeline stages spill
+# more) and the
 # pairs kernel of 1-pass TF32 (8 B), and the predictions backward with chunked parents (100
 # classes B=32: 8 B with Din padded to 8, an N of its dots; padded to 16, 3.6's minimum K, it is
 # spill-free but modelled 223.6 -> 336.0 us). Triton 3.6 spills in float64 variants as well
