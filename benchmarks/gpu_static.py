@@ -396,11 +396,10 @@ def ffma_floor_us(scenario: dict, model: dict) -> float:
 # these bytes per (dtype, kernel): the float32 forward partial kernel at 64 samples per program
 # (40 B; 32 samples per program is modelled slower, MNIST B=128 forward 104.6 -> 120.0 us, spills
 # 8 B in the first pass and makes bfloat16 spill 216-240 B; fewer or more pipeline stages spill
-# more) and the
-# pairs kernel of 1-pass TF32 (8 B), and the predictions backward with chunked parents (100
-# classes B=32: 8 B with Din padded to 8, an N of its dots; padded to 16, 3.6's minimum K, it is
-# spill-free but modelled 223.6 -> 336.0 us). Triton 3.6 spills in float64 variants as well
-# (tests only).
+# more), the pairs kernel of 1-pass TF32 (8 B), and the predictions backward with chunked
+# parents (100 classes B=32: 8 B with Din padded to 8, an N of its dots; padded to 16, 3.6's
+# minimum K, it is spill-free but modelled 223.6 -> 336.0 us). Triton 3.6 spills in float64
+# variants as well (tests only).
 TRITON_36_SPILLS = {
     ("float32", "routing_forward_partial_kernel"): 40,
     ("float32", "routing_backward_pairs_kernel"): 8,

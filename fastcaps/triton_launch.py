@@ -395,14 +395,12 @@ def routing_plan(
             # chunked parents' softmax statistics: 3-pass TF32 spills (100 classes B=32: 16 B);
             # full float32 is modelled faster as well (forward + backward 1,180.7 -> 1,119.2 us)
             precision = "ieee"
-        kp = max(triton.next_power_of_2(d_in), min_dot_k(operand))
-        if name == "pairs":
-            # Din is only an N of the pairs kernel's dots (grad u = g W, grad W = g^T U), which
-            # need no padding to the minimum K (16 for float32 under Triton 3.6, and for half
-            # inputs): 8 at least, the tensor cores' N. Static sm_90 model, MNIST B=128, the
-            # pairs kernel: bfloat16 58.9 -> 46.1 us (Triton 3.6: 58.9 -> 44.7), float32 under
-            # Triton 3.6 148.4 -> 101.1
-            kp = max(triton.next_power_of_2(d_in), 8)
+        # Din is only an N of the pairs kernel's dots (grad u = g W, grad W = g^T U), which
+        # need no padding to the minimum K (16 for float32 under Triton 3.6, and for half
+        # inputs): 8 at least, the tensor cores' N. Static sm_90 model, MNIST B=128, the pairs
+        # kernel: bfloat16 58.9 -> 46.1 us (Triton 3.6: 58.9 -> 44.7), float32 under Triton 3.6
+        # 148.4 -> 101.1
+        kp = max(triton.next_power_of_2(d_in), 8 if name == "pairs" else min_dot_k(operand))
         tilings[name] = replace(tiling, kp=kp, precision=precision)
     return RoutingPlan(**tilings, ja=ja, jb=jb, dp=dp)
 
