@@ -96,7 +96,9 @@ def _pairs_trips(a: dict) -> list[float]:
         # the zero-fill loop runs only in slice 0 programs: count its average per program
         slices = _cdiv(a["n_in"], a["capsules_per_slice"])
         return [blocks, (a["iterations"] - 1) / slices, _per_slice(a)]
-    return [blocks, _per_slice(a), a["iterations"] - 1]
+    # HELD = 2: iteration 1's term is formed outside the iterations' loop
+    held = 1 if a["STORED_COEFFICIENTS"] and a.get("HELD", 0) >= 2 else 0
+    return [blocks, _per_slice(a), max(a["iterations"] - 1 - held, 0)]
 
 
 def _grad_weight_trips(a: dict) -> list[float]:
@@ -396,22 +398,19 @@ def ffma_floor_us(scenario: dict, model: dict) -> float:
 # these bytes per (dtype, kernel): the float32 forward partial kernel at 64 samples per program
 # (40 B; 32 samples per program is modelled slower, MNIST B=128 forward 104.6 -> 120.0 us, spills
 # 8 B in the first pass and makes bfloat16 spill 216-240 B; fewer or more pipeline stages spill
-# more), the pairs kernel of 1-pass TF32 (8 B), and the predictions backward with chunked
-# parents (100 classes B=32: 8 B with Din padded to 8, an N of its dots; padded to 16, 3.6's
-# minimum K, it is spill-free but modelled 223.6 -> 336.0 us). Triton 3.6 spills in float64
-# variants as well (tests only).
+# more) and the predictions backward with chunked parents (100 classes B=32: 8 B with Din padded
+# to 8, an N of its dots; padded to 16, 3.6's minimum K, it is spill-free but modelled 223.6 ->
+# 336.0 us). Triton 3.6 spills in float64 variants as well (tests only).
 TRITON_36_SPILLS = {
     ("float32", "routing_forward_partial_kernel"): 40,
-    ("float32", "routing_backward_pairs_kernel"): 8,
     ("float32", "predictions_backward_kernel"): 8,
 }
 # and under the 3-pass TF32 opt-in (`"high"`), whose TF32 operand splits take more registers:
-# MNIST B=128, self-attention routing's backward partial and pairs kernels (16 B each; modelled
-# forward + backward 276.7 -> 193.7 us against full-float32 dots) and the predictions backward
-# (32 B; 168.8 -> 99.9 us)
+# MNIST B=128, self-attention routing's backward partial kernel (16 B; modelled forward +
+# backward 276.7 -> 193.7 us against full-float32 dots) and the predictions backward (32 B; 168.8
+# -> 99.9 us)
 TRITON_36_HIGH_SPILLS = {
     ("float32", "routing_backward_partial_kernel"): 16,
-    ("float32", "routing_backward_pairs_kernel"): 16,
     ("float32", "predictions_backward_kernel"): 32,
 }
 # and the pairs kernel that recomputes u_hat and the coefficients (more than 5 iterations at

@@ -125,6 +125,7 @@ class Tiling:
     dot_dtype: object = None  # the tl dtype of the u_hat dot's operands
     kp: int = 16  # Din padded to the dot's minimum K for dot_dtype
     precision: str = "ieee"  # input_precision of float32 dots
+    held: int = 0  # the pairs kernel's HELD (see routing_plan)
 
     @property
     def programs(self) -> int:
@@ -175,7 +176,7 @@ class RoutingPlan:
             return self.pairs
         work = tl.float64 if self.pairs.dot_dtype == tl.float64 else tl.float32
         kp = max(self.pairs.kp, min_dot_k(TORCH_DTYPES[work]))
-        return replace(self.pairs, dot_dtype=work, precision="ieee", kp=kp)
+        return replace(self.pairs, dot_dtype=work, precision="ieee", kp=kp, held=0)
 
     def kernel_options(self, tiling: Tiling) -> dict:
         """The constexprs and launch options of a routing kernel with this tiling."""
@@ -201,9 +202,10 @@ _PLAN_OVERRIDES: dict = {}
 def override_routing_plan(**fields):
     """Force tiling choices of every RoutingPlan made inside the block: ``block_b`` (every
     kernel), ``capsules_per_slice`` (every kernel), ``chunks`` (pairs), ``programs`` (the target
-    that replaces the SM count), ``store_coefficients`` (see ``store_coefficients``),
-    ``parent_chunks`` > 1 with ``chunk_parents`` (walk the parents in chunks of that many). Tests
-    use it to run the split, chunked and recomputing paths on small shapes."""
+    that replaces the SM count), ``store_coefficients`` (see ``store_coefficients``), ``held``
+    (the pairs kernel's HELD), ``parent_chunks`` > 1 with ``chunk_parents`` (walk the parents in
+    chunks of that many). Tests use it to run the split, chunked and recomputing paths on small
+    shapes."""
     previous = dict(_PLAN_OVERRIDES)
     _PLAN_OVERRIDES.update(fields)
     try:
@@ -401,7 +403,18 @@ def routing_plan(
         # kernel: bfloat16 58.9 -> 46.1 us (Triton 3.6: 58.9 -> 44.7), float32 under Triton 3.6
         # 148.4 -> 101.1
         kp = max(triton.next_power_of_2(d_in), 8 if name == "pairs" else min_dot_k(operand))
-        tilings[name] = replace(tiling, kp=kp, precision=precision)
+        # the pairs kernel with stored coefficients holds the sample block's gs_0, V_1 and gs_1
+        # in registers for all its capsules instead of reloading them for each (HELD = 2); with
+        # TF32 dots it holds gs_0 only (with V_1 and gs_1 at MNIST B=128: 3-pass TF32 spills 8
+        # B, and 1-pass TF32 16 B under Triton 3.6), and in float64 none (gs_0: 24 B). Static
+        # sm_90 model, MNIST B=128, the pairs kernel: float32 101.4 -> 92.7 us, bfloat16 46.1 ->
+        # 37.4, "high" 72.9 -> 70.0, "medium" 55.7 -> 52.7
+        held = 0
+        if name == "pairs" and wide == 4:
+            held = 1 if precision in ("tf32", "tf32x3") else 2
+        if name == "pairs" and "held" in _PLAN_OVERRIDES:
+            held = _PLAN_OVERRIDES["held"]
+        tilings[name] = replace(tiling, kp=kp, precision=precision, held=held)
     return RoutingPlan(**tilings, ja=ja, jb=jb, dp=dp)
 
 

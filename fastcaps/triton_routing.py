@@ -298,7 +298,7 @@ def routing_backward(
         pairs.capsules_per_slice, pairs.blocks_per_chunk, pairs.chunks, plan.parent_chunks,
         iterations, eps, *source.strides(), *prior_strides, *grad_v.stride(),
         LAST_ONLY=last_only, STORED_COEFFICIENTS=stored, CHUNKED=plan.chunked,
-        ATTENTION=attention is not None, HAS_PRIOR=has_prior,
+        ATTENTION=attention is not None, HAS_PRIOR=has_prior, HELD=min(pairs.held, iterations),
         **source.constexprs(plan, pairs, dtype),
     )  # fmt: skip
     grads.grad_prior = prior_grad

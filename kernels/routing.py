@@ -74,6 +74,16 @@ def _chunk_coefficients(tile, X, parents, stats_ptr, stats_at, b_mask, BLOCK_B: 
 
 
 @triton.jit
+def _group_columns(j0, n_out, d_out, JG: tl.constexpr, DP: tl.constexpr):
+    """The [JG * DP] columns of the parent group j0 .. j0+JG-1 (column n: parent j0 + n // DP,
+    dim n % DP): their parents, dims and mask of the valid ones."""
+    n = tl.arange(0, JG * DP)
+    j = j0 + (n // DP).to(tl.int64)
+    d = (n % DP).to(tl.int64)
+    return j, d, (j < n_out) & (d < d_out)
+
+
+@triton.jit
 def _group(
     b,
     b_mask,
@@ -95,10 +105,7 @@ def _group(
     j0 + n // DP, dim n % DP): in a contiguous [B, Nout, Dout] state tensor, with its mask; the
     [JG] mask of the valid parents; in u_hat without the capsule term; and in the weight as the
     tile W_i^T [KP, JG * DP] without the capsule term, with its mask."""
-    n = tl.arange(0, JG * DP)
-    j = j0 + (n // DP).to(tl.int64)
-    d = (n % DP).to(tl.int64)
-    columns = (j < n_out) & (d < d_out)
+    j, d, columns = _group_columns(j0, n_out, d_out, JG, DP)
     state = b[:, None] * (n_out * d_out) + (j * d_out + d)[None, :]
     state_mask = b_mask[:, None] & columns[None, :]
     parents = (j0 + tl.arange(0, JG)) < n_out
@@ -244,13 +251,10 @@ def _stacked_dot(acc, U, w_ptr, capsule, rows_mask, kk, j0, n_out, d_out, stride
                  PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
     """acc [BLOCK_B, JG * DP] + U @ the stacked weight tile [W_i1^T; ..; W_iS^T] of a parent
     group (row m: capsule[m], input dim kk[m]; masked by rows_mask)."""
-    n = tl.arange(0, JG * DP)
-    j = j0 + (n // DP).to(tl.int64)
-    d = (n % DP).to(tl.int64)
+    j, d, columns = _group_columns(j0, n_out, d_out, JG, DP)
     rows = capsule * stride_w_i + kk * stride_w_k
     W = tl.load(w_ptr + rows[:, None] + (j * stride_w_j + d * stride_w_d)[None, :],
-                mask=rows_mask[:, None] & ((j < n_out) & (d < d_out))[None, :],
-                other=0.0)  # fmt: skip
+                mask=rows_mask[:, None] & columns[None, :], other=0.0)  # fmt: skip
     return tl.dot(U.to(DOT_DTYPE), W.to(DOT_DTYPE), acc, input_precision=PRECISION,
                   out_dtype=acc.dtype)  # fmt: skip
 
@@ -651,9 +655,7 @@ def _output_grad_tile(
 ):
     """gs_(R-1) = squash'(s_(R-1)) grad v (EXP: exp_squash') for a parent group's
     [BLOCK_B, JG * DP] tile."""
-    n = tl.arange(0, JG * DP)
-    j = j0 + (n // DP).to(tl.int64)
-    d = (n % DP).to(tl.int64)
+    j, d, _ = _group_columns(j0, n_out, d_out, JG, DP)
     gv_offsets = b[:, None] * stride_gv_b + (j * stride_gv_j + d * stride_gv_d)[None, :]
     grad_v = tl.load(grad_v_ptr + gv_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     s = tl.load(s_all_ptr + s_offset + state, mask=mask, other=0.0)
@@ -896,6 +898,48 @@ def _first_term(grad_s_all_ptr, state, mask, n_out, ATTENTION: tl.constexpr):
 
 
 @triton.jit
+def _first_terms(grad_s_all_ptr, state_a, mask_a, state_b, mask_b, n_out, ATTENTION: tl.constexpr,
+                 HAS_B: tl.constexpr):  # fmt: skip
+    """Both parent groups' iteration-0 terms (see _first_term)."""
+    g_a = _first_term(grad_s_all_ptr, state_a, mask_a, n_out, ATTENTION)
+    g_b = g_a
+    if HAS_B:
+        g_b = _first_term(grad_s_all_ptr, state_b, mask_b, n_out, ATTENTION)
+    return g_a, g_b
+
+
+@triton.jit
+def _iteration_state(V_all_ptr, grad_s_all_ptr, offset, state_a, mask_a, state_b, mask_b,
+                     HAS_B: tl.constexpr):  # fmt: skip
+    """V_r and gs_r of both parent groups (``offset`` = r * B * Nout * Dout)."""
+    V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+    gs_a = tl.load(grad_s_all_ptr + offset + state_a, mask=mask_a, other=0.0)
+    V_b, gs_b = V_a, gs_a
+    if HAS_B:
+        V_b = tl.load(V_all_ptr + offset + state_b, mask=mask_b, other=0.0)
+        gs_b = tl.load(grad_s_all_ptr + offset + state_b, mask=mask_b, other=0.0)
+    return V_a, gs_a, V_b, gs_b
+
+
+@triton.jit
+def _stored_term(g_a, g_b, V_a, gs_a, V_b, gs_b, coef_ptr, coef_grad_ptr, slot, parent_a,
+                 parent_b, coef_mask_a, coef_mask_b, HAS_B: tl.constexpr, BLOCK_B: tl.constexpr,
+                 JA: tl.constexpr, JB: tl.constexpr, DP: tl.constexpr):  # fmt: skip
+    """Adds one iteration's ``c_r gs_r + ga_r V_r`` to g_u_hat of both parent groups, with c_r
+    and ga_r read from their slot of the stored coefficients."""
+    c_a = tl.load(coef_ptr + slot + parent_a[None, :], mask=coef_mask_a, other=0.0)
+    ga_a = tl.load(coef_grad_ptr + slot + parent_a[None, :], mask=coef_mask_a, other=0.0)
+    g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
+    g_a += _spread(ga_a, BLOCK_B, JA, DP) * V_a
+    if HAS_B:
+        c_b = tl.load(coef_ptr + slot + parent_b[None, :], mask=coef_mask_b, other=0.0)
+        ga_b = tl.load(coef_grad_ptr + slot + parent_b[None, :], mask=coef_mask_b, other=0.0)
+        g_b += _spread(c_b, BLOCK_B, JB, DP) * gs_b
+        g_b += _spread(ga_b, BLOCK_B, JB, DP) * V_b
+    return g_a, g_b
+
+
+@triton.jit
 def _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a, parents_b, g_a, g_b, prior_a,
                 prior_b, WITH_LOGITS: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_B: tl.constexpr,
                 BLOCK_B: tl.constexpr, JA: tl.constexpr, JBG: tl.constexpr,
@@ -957,12 +1001,10 @@ def _grad_weight_offsets(j0, n_out, d_out, DIN: tl.constexpr, KP: tl.constexpr,
                          JG: tl.constexpr, DP: tl.constexpr):  # fmt: skip
     """Offsets and mask of a parent group's [JG * DP, KP] tile of one capsule in a contiguous
     [..., Nin, Nout, Dout, Din] gradient."""
-    n = tl.arange(0, JG * DP)
-    j = j0 + (n // DP).to(tl.int64)
-    d = (n % DP).to(tl.int64)
+    j, d, columns = _group_columns(j0, n_out, d_out, JG, DP)
     k = tl.arange(0, KP).to(tl.int64)
     offsets = (j * d_out + d)[:, None] * DIN + k[None, :]
-    mask = ((j < n_out) & (d < d_out))[:, None] & (k < DIN)[None, :]
+    mask = columns[:, None] & (k < DIN)[None, :]
     return offsets, mask
 
 
@@ -1054,6 +1096,7 @@ def routing_backward_pairs_kernel(
     PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    HELD: tl.constexpr,
 ):
     """Grid (slices * batch chunks * parent chunks,): a program walks the sample blocks of its
     batch chunk and, for each, the capsules of its slice, forming g_u_hat = sum_r c_r gs_r +
@@ -1062,9 +1105,11 @@ def routing_backward_pairs_kernel(
     parent chunk's part, [parent chunks, B, Nin, Din] in COMPUTE_DTYPE) and accumulates the batch
     chunk's grad W into its slot of grad_w (contiguous [chunks, Nin, Nout, Dout, Din],
     COMPUTE_DTYPE). STORED_COEFFICIENTS: c_r and ga_r come from coef and coef_grad, else from a
-    recomputed u_hat (CHUNKED: with lse and inner, [R-1, B, Nin]). LAST_ONLY: only the last
-    weighted sum is differentiated; gs_(R-1) is computed here, and stored (with zeros for the
-    other iterations) by slice 0. ATTENTION (self-attention routing, R = 2, not LAST_ONLY):
+    recomputed u_hat (CHUNKED: with lse and inner, [R-1, B, Nin]); HELD (with
+    STORED_COEFFICIENTS: 0, 1 or 2, at most R): the leading terms of g_u_hat whose state tiles a
+    sample block loads once for all its capsules (1: gs_0; 2: also V_1 and gs_1). LAST_ONLY: only
+    the last weighted sum is differentiated; gs_(R-1) is computed here, and stored (with zeros for
+    the other iterations) by slice 0. ATTENTION (self-attention routing, R = 2, not LAST_ONLY):
     g_u_hat = grad T + c_1 gs_1 + ga_1 V_1, with c_1 = softmax + prior (HAS_PRIOR)."""
     HAS_B: tl.constexpr = JB > 0
     JBG: tl.constexpr = JB if HAS_B else JA
@@ -1121,6 +1166,13 @@ def routing_backward_pairs_kernel(
                     if HAS_B:
                         tl.store(grad_s_all_ptr + zero_offset + state_b, tl.zeros_like(gs_b),
                                  mask=mask_b)  # fmt: skip
+        if STORED_COEFFICIENTS and HELD >= 1:  # the same for every capsule of the slice
+            first_a, first_b = _first_terms(grad_s_all_ptr, state_a, mask_a, state_b, mask_b,
+                                            n_out, ATTENTION, HAS_B)  # fmt: skip
+        if STORED_COEFFICIENTS and HELD >= 2:
+            V1_a, gs1_a, V1_b, gs1_b = _iteration_state(
+                V_all_ptr, grad_s_all_ptr, size, state_a, mask_a, state_b, mask_b, HAS_B
+            )
         for capsule in range(first, last):
             capsule = tl.cast(capsule, tl.int64)
             U = u_offsets  # unused without FROM_WEIGHT
@@ -1138,30 +1190,28 @@ def routing_backward_pairs_kernel(
                     if HAS_B:
                         W_b = tl.load(capsule_w + w_b, mask=w_mask_b, other=0.0)
                 # iteration 0 has constant logits: its term is gs_0 / Nout (ATTENTION: grad T)
-                g_a = _first_term(grad_s_all_ptr, state_a, mask_a, n_out, ATTENTION)
-                g_b = g_a
-                if HAS_B:
-                    g_b = _first_term(grad_s_all_ptr, state_b, mask_b, n_out, ATTENTION)
+                if HELD >= 1:
+                    g_a, g_b = first_a, first_b
+                else:
+                    g_a, g_b = _first_terms(grad_s_all_ptr, state_a, mask_a, state_b, mask_b,
+                                            n_out, ATTENTION, HAS_B)  # fmt: skip
                 coef_at = coef_rows + capsule * n_out
-                for r in range(1, iterations):
+                loaded_from = 1
+                if HELD >= 2:
+                    g_a, g_b = _stored_term(g_a, g_b, V1_a, gs1_a, V1_b, gs1_b, coef_ptr,
+                                            coef_grad_ptr, coef_at, parent_a, parent_b,
+                                            coef_mask_a, coef_mask_b, HAS_B, BLOCK_B, JA, JB,
+                                            DP)  # fmt: skip
+                    loaded_from = 2
+                for r in range(loaded_from, iterations):
                     offset = tl.cast(r, tl.int64) * size
                     slot = coef_at + tl.cast(r - 1, tl.int64) * batch * n_in * n_out
-                    V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
-                    gs_a = tl.load(grad_s_all_ptr + offset + state_a, mask=mask_a, other=0.0)
-                    c_a = tl.load(coef_ptr + slot + parent_a[None, :], mask=coef_mask_a, other=0.0)
-                    ga_a = tl.load(coef_grad_ptr + slot + parent_a[None, :], mask=coef_mask_a,
-                                   other=0.0)  # fmt: skip
-                    g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
-                    g_a += _spread(ga_a, BLOCK_B, JA, DP) * V_a
-                    if HAS_B:
-                        V_b = tl.load(V_all_ptr + offset + state_b, mask=mask_b, other=0.0)
-                        gs_b = tl.load(grad_s_all_ptr + offset + state_b, mask=mask_b, other=0.0)
-                        c_b = tl.load(coef_ptr + slot + parent_b[None, :], mask=coef_mask_b,
-                                      other=0.0)  # fmt: skip
-                        ga_b = tl.load(coef_grad_ptr + slot + parent_b[None, :],
-                                       mask=coef_mask_b, other=0.0)  # fmt: skip
-                        g_b += _spread(c_b, BLOCK_B, JB, DP) * gs_b
-                        g_b += _spread(ga_b, BLOCK_B, JB, DP) * V_b
+                    V_a, gs_a, V_b, gs_b = _iteration_state(V_all_ptr, grad_s_all_ptr, offset,
+                                                            state_a, mask_a, state_b, mask_b,
+                                                            HAS_B)  # fmt: skip
+                    g_a, g_b = _stored_term(g_a, g_b, V_a, gs_a, V_b, gs_b, coef_ptr,
+                                            coef_grad_ptr, slot, parent_a, parent_b, coef_mask_a,
+                                            coef_mask_b, HAS_B, BLOCK_B, JA, JB, DP)  # fmt: skip
             else:
                 # the coefficients from a recomputed u_hat tile
                 prior_a = tl.zeros((JA,), dtype=COMPUTE_DTYPE)
@@ -1208,19 +1258,13 @@ def routing_backward_pairs_kernel(
                         g_a += _spread(c_a, BLOCK_B, JA, DP) * gs_a
                     g_b = g_a
                 else:
-                    g_a = _first_term(grad_s_all_ptr, state_a, mask_a, n_out, ATTENTION)
-                    g_b = g_a
-                    if HAS_B:
-                        g_b = _first_term(grad_s_all_ptr, state_b, mask_b, n_out, ATTENTION)
+                    g_a, g_b = _first_terms(grad_s_all_ptr, state_a, mask_a, state_b, mask_b,
+                                            n_out, ATTENTION, HAS_B)  # fmt: skip
                     for r in range(1, iterations):
-                        offset = tl.cast(r, tl.int64) * size
-                        V_a = tl.load(V_all_ptr + offset + state_a, mask=mask_a, other=0.0)
-                        gs_a = tl.load(grad_s_all_ptr + offset + state_a, mask=mask_a, other=0.0)
-                        V_b, gs_b = V_a, gs_a
-                        if HAS_B:
-                            V_b = tl.load(V_all_ptr + offset + state_b, mask=mask_b, other=0.0)
-                            gs_b = tl.load(grad_s_all_ptr + offset + state_b, mask=mask_b,
-                                           other=0.0)  # fmt: skip
+                        V_a, gs_a, V_b, gs_b = _iteration_state(
+                            V_all_ptr, grad_s_all_ptr, tl.cast(r, tl.int64) * size, state_a,
+                            mask_a, state_b, mask_b, HAS_B,
+                        )  # fmt: skip
                         g_a, g_b = _pairs_term(tile_a, tile_b, V_a, V_b, gs_a, gs_b, parents_a,
                                                parents_b, g_a, g_b, prior_a, prior_b, True,
                                                HAS_PRIOR, HAS_B, BLOCK_B, JA, JBG,

@@ -90,21 +90,52 @@ def test_triton_tiling_paths_match_reference(device, path, detach_logits, iterat
     u, weight, bias = make_layer_inputs(shape, torch.float64, device, bias=True)
     with override_routing_plan(**TRITON_PATHS[path]):
         check_capsule_routing("triton", u, weight, bias, iterations, detach_logits, torch.float64)
-        u_hat = reference.predictions(u.detach(), weight.detach()).requires_grad_()
-        v = fastcaps.dynamic_routing(
-            u_hat, iterations, bias, detach_logits=detach_logits, backend="triton"
-        )
+        check_triton_dynamic_routing(u, weight, bias, iterations, detach_logits)
+
+
+def check_triton_dynamic_routing(u, weight, bias, iterations, detach_logits, what=""):
+    """dynamic_routing on the triton backend, from float64 predictions of u and weight, matches
+    the reference in value and gradients."""
+    u_hat = reference.predictions(u.detach(), weight.detach()).requires_grad_()
+    v = fastcaps.dynamic_routing(
+        u_hat, iterations, bias, detach_logits=detach_logits, backend="triton"
+    )
     u_hat64, bias64 = as_float64_leaf(u_hat), as_float64_leaf(bias)
     v_ref = reference.dynamic_routing(u_hat64, iterations, bias64, detach_logits=detach_logits)
-    assert_close(v, v_ref, torch.float64, "v")
+    assert_close(v, v_ref, torch.float64, f"{what} v")
     grad_v = torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for name, g, e in zip(
         ("u_hat", "bias"),
-        grads(v, (u_hat, bias), grad_v.to(device)),
+        grads(v, (u_hat, bias), grad_v.to(u.device)),
         grads(v_ref, (u_hat64, bias64), grad_v),
         strict=True,
     ):
-        assert_close(g, e, torch.float64, f"grad {name}")
+        assert_close(g, e, torch.float64, f"{what} grad {name}")
+
+
+# The pairs kernel reading stored coefficients holds a sample block's leading state tiles in
+# registers for all the capsules of its slice (HELD 1: gs_0; 2: also V_1 and gs_1): every
+# setting, with one program walking two sample blocks of three capsules, two parent groups (8 +
+# 2), and R = 1, which has no iteration 1 to hold.
+@pytest.mark.skipif(not TRITON, reason="the triton backend needs triton")
+@pytest.mark.parametrize("iterations", [1, 2, 3], ids=lambda r: f"R{r}")
+@pytest.mark.parametrize("held", [0, 1, 2], ids=lambda h: f"held{h}")
+def test_triton_pairs_held_state_matches_reference(device, held, iterations):
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    from fastcaps.triton_launch import override_routing_plan, routing_plan, store_coefficients
+
+    shape = Shape(20, 6, 10, 8, 3)
+    with override_routing_plan(held=held, block_b=16, capsules_per_slice=3, chunks=1):
+        plan = routing_plan(shape.B, shape.Nin, shape.Nout, shape.Dout, shape.Din,
+                            torch.float64, device)  # fmt: skip
+        pairs = plan.pairs_for(stored=True)
+        assert (pairs.held, pairs.blocks_per_chunk, plan.jb) == (held, 2, 2)
+        assert store_coefficients(iterations, shape.Dout)
+        u, weight, bias = make_layer_inputs(shape, torch.float64, device, bias=True)
+        what = f"held {held}"
+        check_capsule_routing("triton", u, weight, bias, iterations, False, torch.float64, what)
+        check_triton_dynamic_routing(u, weight, bias, iterations, False, what)
 
 
 # The pairs kernel's float32 grad u over parent groups of 128 columns or more (8 parents of 16
@@ -299,6 +330,13 @@ def test_plan_keeps_tensor_core_dots_out_of_the_variants_that_spill(float32_matm
     # the first forward pass stacks capsules into the K that Din leaves empty
     assert (stacked_capsules(plan.forward, 8), stacked_capsules(small.forward, 3)) == (2, 4)
     assert stacked_capsules(plans()[0].forward, 8) == min_dot_k(torch.float32) // 8
+    # the pairs kernel's state tiles held across its capsules: gs_0, V_1 and gs_1, but gs_0 only
+    # with TF32 dots and none in float64 (more would spill); none in the recomputing kernel
+    assert (plan.pairs.held, plan.pairs_for(stored=False).held) == (2, 0)  # bfloat16
+    assert plans(dtype=torch.float64)[0].pairs.held == 0
+    for precision, held in (("highest", 2), ("medium", 1), ("high", 1)):
+        float32_matmul_precision(precision)
+        assert plans()[0].pairs.held == held, precision
 
 
 # The predictions kernels share the routing kernels' tiles: capsules split across programs and

@@ -100,6 +100,8 @@ def test_every_launched_variant_compiles_for_sm90_without_spills(tmp_path):
         ("float32", "routing_forward_partial_kernel", 48, "3.6.0", False),
         ("float32", "routing_forward_partial_kernel", 40, "3.9.0", False),
         ("float32", "routing_backward_partial_kernel", 8, "3.6.0", False),
+        ("float32", "routing_backward_pairs_kernel", 8, "3.6.0", False),
+        ("float32", "routing_backward_pairs_kernel", 8, "3.6.0/high", False),
         ("float64", "routing_backward_pairs_kernel", 264, "3.6.0", True),
         ("float64", "routing_backward_pairs_kernel", 8, "3.9.0", False),
         ("bfloat16", "routing_forward_partial_kernel", 8, "3.6.0", False),
