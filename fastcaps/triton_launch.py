@@ -403,18 +403,16 @@ def routing_plan(
         # kernel: bfloat16 58.9 -> 46.1 us (Triton 3.6: 58.9 -> 44.7), float32 under Triton 3.6
         # 148.4 -> 101.1
         kp = max(triton.next_power_of_2(d_in), 8 if name == "pairs" else min_dot_k(operand))
-        # the pairs kernel with stored coefficients holds the sample block's gs_0, V_1 and gs_1
-        # in registers for all its capsules instead of reloading them for each (HELD = 2); with
-        # TF32 dots it holds gs_0 only (with V_1 and gs_1 at MNIST B=128: 3-pass TF32 spills 8
-        # B, and 1-pass TF32 16 B under Triton 3.6), and in float64 none (gs_0: 24 B). Static
-        # sm_90 model, MNIST B=128, the pairs kernel: float32 101.4 -> 92.7 us, bfloat16 46.1 ->
-        # 37.4, "high" 72.9 -> 70.0, "medium" 55.7 -> 52.7
-        held = 0
-        if name == "pairs" and wide == 4:
-            held = 1 if precision in ("tf32", "tf32x3") else 2
-        if name == "pairs" and "held" in _PLAN_OVERRIDES:
-            held = _PLAN_OVERRIDES["held"]
-        tilings[name] = replace(tiling, kp=kp, precision=precision, held=held)
+        tilings[name] = replace(tiling, kp=kp, precision=precision)
+    # the pairs kernel with stored coefficients holds the sample block's gs_0, V_1 and gs_1 in
+    # registers for all its capsules instead of reloading them for each (HELD = 2); with TF32
+    # dots it holds gs_0 only (with V_1 and gs_1 at MNIST B=128: 3-pass TF32 spills 8 B, and
+    # 1-pass TF32 16 B under Triton 3.6), and in float64 none (gs_0: 24 B). Static sm_90 model,
+    # MNIST B=128, the pairs kernel: float32 101.4 -> 92.7 us, bfloat16 46.1 -> 37.4, "high"
+    # 72.9 -> 70.0, "medium" 55.7 -> 52.7
+    pairs = tilings["pairs"]
+    held = 0 if wide == 8 else 1 if pairs.precision in ("tf32", "tf32x3") else 2
+    tilings["pairs"] = replace(pairs, held=_PLAN_OVERRIDES.get("held", held))
     return RoutingPlan(**tilings, ja=ja, jb=jb, dp=dp)
 
 
