@@ -30,6 +30,9 @@ if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "gpu_session.sh needs a CUDA GPU (torch.cuda.is_available() is False)" >&2
     exit 2
 fi
+# The lent machines run the checkout uninstalled: fastcaps.kernels is the top-level kernels/ folder
+# (pyproject's package-dir mapping), so link it where the import looks
+[ -e fastcaps/kernels ] || ln -s ../kernels fastcaps/kernels
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 export FASTCAPS_DATA=${FASTCAPS_DATA:-data/mnist}

@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}  # the lent machines' python3 holds torch; PYTHON picks another
+# run uninstalled (the lent machines): fastcaps.kernels is the top-level kernels/ folder
+[ -e fastcaps/kernels ] || ln -s ../kernels fastcaps/kernels
 name=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 out=${1:-benchmarks/results/$name}
 mkdir -p "$out"
