@@ -105,7 +105,9 @@ def squash_factors(s, eps, huge, SLOPE: tl.constexpr):
     SLOPE; else zeros). ``huge``: the largest finite value of the dtype."""
     m, t_norm, u, inv_r = _directions(s, huge)
     one = tl.full(m.shape, 1.0, m.dtype)
-    w = tl.minimum(inv_r * sqrt_rn(eps + tl.zeros_like(m)), huge)  # sqrt(eps) / |s|
+    # eps arrives as float64 (the kernels annotate it: Triton passes a Python float as float32,
+    # which moved float64 results by up to 2e-10 of their size)
+    w = tl.minimum(inv_r * sqrt_rn(tl.full(m.shape, eps, m.dtype)), huge)  # sqrt(eps) / |s|
     b = _inverse_hypot_one(w)  # |s| / sqrt(|s|^2 + eps)
     g = div_rn(b, 1.0 + inv_r * inv_r)
     if SLOPE:
@@ -160,7 +162,7 @@ def squash_forward_kernel(
     d,
     stride_s_row,
     stride_s_col,
-    eps,
+    eps: tl.float64,
     EXP: tl.constexpr,
     DENSE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -188,7 +190,7 @@ def squash_backward_kernel(
     stride_s_col,
     stride_g_row,
     stride_g_col,
-    eps,
+    eps: tl.float64,
     EXP: tl.constexpr,
     DENSE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,

@@ -66,3 +66,22 @@ def test_dense_and_strided_kernels_agree(device, exp):
     for view in (dense, strided):
         torch.testing.assert_close(squash_forward(view, 1e-8, exp), function(dense))
         torch.testing.assert_close(squash_backward(view, grad_v, 1e-8, exp), grad_ref)
+
+
+def test_kernels_take_eps_in_float64():
+    """Triton passes a Python float as float32, which moved float64 squash results by up to 2e-10
+    of their size on a GPU (the interpreter keeps the float64): every kernel annotates eps."""
+    import inspect
+
+    from fastcaps.kernels import predictions, routing, squash
+
+    annotations = {}
+    for module in (predictions, routing, squash):
+        for name, kernel in vars(module).items():
+            fn = getattr(kernel, "fn", None)  # JITFunction, or InterpretedFunction
+            if name.endswith("_kernel") and callable(fn):
+                eps = inspect.signature(fn).parameters.get("eps")
+                if eps is not None:
+                    annotations[f"{module.__name__}.{name}"] = str(eps.annotation)
+    assert len(annotations) >= 7, annotations  # squash forward and backward, 5 routing kernels
+    assert annotations == dict.fromkeys(annotations, "fp64")
