@@ -78,12 +78,22 @@ def backend_params(pairs):
     ]  # fmt: skip
 
 
+# Where the triton backend runs: CUDA when present, else CPU tensors under the interpreter
+TRITON_DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def skip_cpu_triton_beside_a_gpu(device: torch.device) -> None:
+    """Skips a Triton case on CPU tensors when a GPU is present (the interpreter is only switched
+    on for machines without one)."""
+    if device.type == "cpu" and CUDA:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+
+
 @pytest.fixture
 def on_device(device, backend):
-    """The device fixture, minus CPU for triton when a GPU is present (the interpreter is only
-    switched on for machines without one)."""
-    if backend == "triton" and device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    """The device fixture, minus CPU for triton when a GPU is present."""
+    if backend == "triton":
+        skip_cpu_triton_beside_a_gpu(device)
     return device
 
 
@@ -178,9 +188,10 @@ def saved_state(run, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
-    """Gradients of sum(output * grad_output) for the inputs that are not None."""
+    """Gradients of sum(output * grad_output) for the inputs that are not None (grad_output is
+    moved to the output's device and dtype)."""
     present = [t for t in inputs if t is not None]
-    return torch.autograd.grad(output, present, grad_output.to(output.dtype))
+    return torch.autograd.grad(output, present, grad_output.to(output.device, output.dtype))
 
 
 def as_float64_leaf(t):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastcaps
+from conftest import TRITON_DEVICE
 from fastcaps import backend as backend_module
 
 
@@ -173,7 +174,7 @@ def test_auto_picks_a_registered_triton_kernel_only_on_cuda(monkeypatch):
 
 @pytest.mark.parametrize("name", ["torch", "triton", "reference"])
 def test_every_backend_gives_the_same_layer(name):
-    u, weight = layer()
+    u, weight = (t.to(TRITON_DEVICE) for t in layer())
     torch.testing.assert_close(
         fastcaps.capsule_routing(u, weight, backend=name),
         fastcaps.reference.capsule_routing(u, weight),

@@ -21,6 +21,7 @@ from conftest import (
     grads,
     make_layer_inputs,
     saved_state,
+    skip_cpu_triton_beside_a_gpu,
 )
 from fastcaps import reference
 
@@ -84,8 +85,7 @@ def test_attention_routing_matches_reference(on_device, backend, dtype, shape, w
 def test_triton_tiling_paths_match_reference(device, path, with_prior):
     """Small shapes forced through every tiling the large ones take (slices, sample blocks,
     batch chunks, stored or recomputed coefficients, chunked parents)."""
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     from fastcaps.triton_launch import override_routing_plan
 
     shape = Shape(20, 13, 3, 5, 3)  # 20 samples: two blocks of 16
@@ -307,8 +307,7 @@ def test_bad_input_names_the_argument():
 def test_triton_layer_saves_no_u_hat(device):
     """The fused layer keeps u, weight, prior and [2, B, Nout, Dout] of state (T and s, 0 and
     T / sqrt(Dout)): nothing with both Nin and Dout."""
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     shape = Shape(8, 40, 6, 8, 4)
     u, weight, _ = make_layer_inputs(shape, torch.float32, device, bias=False)
     prior = make_prior(shape, torch.float32, device)

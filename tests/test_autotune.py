@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastcaps
+from conftest import TRITON_DEVICE
 from fastcaps import autotune, reference
 from fastcaps import backend as backend_module
 from fastcaps.nn import RoutingCapsules
@@ -45,10 +46,11 @@ def tuner(monkeypatch):
 
 
 def layer(batch=3, seed=0):
+    """u and weight on the device where Triton runs (CUDA, else CPU under the interpreter)."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, 12, 4, generator=g, dtype=torch.float64)
     weight = torch.randn(12, 3, 5, 4, generator=g, dtype=torch.float64) / 2
-    return u.requires_grad_(), weight.requires_grad_()
+    return u.to(TRITON_DEVICE).requires_grad_(), weight.to(TRITON_DEVICE).requires_grad_()
 
 
 @pytest.mark.parametrize("times,expected", [((2.0, 1.0), "triton"), ((1.0, 2.0), "torch")])
@@ -137,7 +139,7 @@ def test_every_op_and_the_module_go_through_the_tuner(tuner):
     torch.testing.assert_close(fastcaps.squash(u), reference.squash(u))
     torch.testing.assert_close(fastcaps.predictions(u, weight), reference.predictions(u, weight))
     torch.testing.assert_close(fastcaps.dynamic_routing(u_hat), reference.dynamic_routing(u_hat))
-    module = RoutingCapsules(12, 4, 3, 5).to(torch.float64)
+    module = RoutingCapsules(12, 4, 3, 5).to(u.device, torch.float64)
     module(u)
     assert {key[0] for key in tuner.decisions} == {
         "squash", "predictions", "dynamic_routing", "capsule_routing"

@@ -27,6 +27,7 @@ from conftest import (
     grads,
     make_layer_inputs,
     saved_state,
+    skip_cpu_triton_beside_a_gpu,
 )
 from fastcaps import reference
 
@@ -82,8 +83,7 @@ def test_capsule_routing_matches_reference(
 @pytest.mark.parametrize("detach_logits", [False, True], ids=["grad-all-iters", "detach"])
 @pytest.mark.parametrize("path", TRITON_PATHS)
 def test_triton_tiling_paths_match_reference(device, path, detach_logits, iterations):
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     from fastcaps.triton_launch import override_routing_plan
 
     shape = Shape(20, 13, 3, 5, 3)  # 20 samples: two blocks of 16
@@ -121,8 +121,7 @@ def check_triton_dynamic_routing(u, weight, bias, iterations, detach_logits, wha
 @pytest.mark.parametrize("iterations", [1, 2, 3], ids=lambda r: f"R{r}")
 @pytest.mark.parametrize("held", [0, 1, 2], ids=lambda h: f"held{h}")
 def test_triton_pairs_held_state_matches_reference(device, held, iterations):
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     from fastcaps.triton_launch import override_routing_plan, routing_plan, store_coefficients
 
     shape = Shape(20, 6, 10, 8, 3)
@@ -151,8 +150,7 @@ SPLIT_GRAD_U_PATHS = {
 @pytest.mark.parametrize("iterations", [2, 3], ids=lambda r: f"R{r}")
 @pytest.mark.parametrize("path", SPLIT_GRAD_U_PATHS)
 def test_triton_split_grad_u_matches_reference(device, path, iterations):
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     from fastcaps.triton_launch import override_routing_plan, routing_plan, store_coefficients
 
     shape = Shape(20, 7, 10, 16, 8)
@@ -209,8 +207,7 @@ TWO_PASS_RUNS = [
 def test_triton_two_pass_backward_matches_reference(
     device, monkeypatch, float32_matmul_precision, case, dots, iterations
 ):
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     if dots == "exact" and device.type == "cuda":
         pytest.skip("full-float32 TF32 dots exist only under the interpreter")
     import fastcaps.triton_routing as triton_routing
@@ -262,8 +259,7 @@ def test_pairs_kernel_takes_tf32_only_from_stored_coefficients(
     stored coefficients, and stay full float32 where it recomputes them (TF32 there spills on
     sm_90); within the float32 tolerances under "high", TF32_TOLERANCE under "medium" (the
     TF32 inputs rounded as on a GPU)."""
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     import fastcaps.triton_routing as triton_routing
     from fastcaps.triton_launch import override_routing_plan
 
@@ -358,8 +354,7 @@ PREDICTION_PATHS = {
 @pytest.mark.parametrize("needs", ["u+weight", "u", "weight"])
 @pytest.mark.parametrize("path", PREDICTION_PATHS)
 def test_triton_predictions_tiling_paths_match_reference(device, path, needs):
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     from fastcaps.triton_launch import override_routing_plan
 
     shape, dtype, overrides = PREDICTION_PATHS[path]
@@ -488,14 +483,20 @@ def test_non_contiguous_inputs(on_device, backend, dtype, detach_logits):
     device = on_device
     shape = SHAPES[0]
     g = torch.Generator().manual_seed(10)
-    # u as a transposed view, weight as a permuted view, bias as a strided slice
-    u = torch.randn(shape.Nin, shape.B, shape.Din, generator=g, dtype=torch.float64).transpose(0, 1)
-    weight = torch.randn(
-        shape.Din, shape.Nout, shape.Dout, shape.Nin, generator=g, dtype=torch.float64
-    )
-    weight = weight.permute(3, 1, 2, 0) / shape.Din**0.5
-    bias = torch.randn(shape.Nout, 2 * shape.Dout, generator=g, dtype=torch.float64)[:, ::2]
-    u, weight, bias = (t.to(device).requires_grad_() for t in (u, weight, bias))
+    # u as a transposed view, weight as a permuted view, bias as a strided slice, each taken on
+    # the device (a copy to another device would make the strided slice contiguous)
+    u, weight, bias = (
+        t.to(device)
+        for t in (
+            torch.randn(shape.Nin, shape.B, shape.Din, generator=g, dtype=torch.float64),
+            torch.randn(shape.Din, shape.Nout, shape.Dout, shape.Nin, generator=g,
+                        dtype=torch.float64) / shape.Din**0.5,
+            torch.randn(shape.Nout, 2 * shape.Dout, generator=g, dtype=torch.float64),
+        )
+    )  # fmt: skip
+    u = u.transpose(0, 1).requires_grad_()
+    weight = weight.permute(3, 1, 2, 0).requires_grad_()
+    bias = bias[:, ::2].requires_grad_()
     assert not u.is_contiguous() and not weight.is_contiguous() and not bias.is_contiguous()
     check_capsule_routing(backend, u, weight, bias, 3, detach_logits, dtype, "non-contiguous")
     u_hat = (

@@ -49,24 +49,33 @@ def compile_and_compare(backend: str, compiler: str, device, build=None) -> None
     images = torch.rand(3, 1, 12, 12, dtype=torch.float64, device=device)
     labels = torch.tensor([0, 4, 9], device=device)
 
-    def loss_and_grads(run):
+    def loss_and_grads(run) -> dict[str, torch.Tensor]:
         model.zero_grad()
         out = run(images, labels)
         loss = fastcaps.margin_loss(out.lengths, labels) + fastcaps.reconstruction_loss(
             out.reconstructions, images
         )
         loss.backward()
-        return [out.lengths.detach(), out.poses.detach()] + [
-            p.grad.clone() for p in model.parameters()
-        ]
+        found = {name: getattr(out, name).detach() for name in ("lengths", "poses",
+                                                                "reconstructions")}  # fmt: skip
+        found |= {f"grad {name}": p.grad.clone() for name, p in model.named_parameters()}
+        return found
 
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
     got = loss_and_grads(compiled)
     expected = loss_and_grads(model)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-8)
+    assert got.keys() == expected.keys()
+    # every tensor compared before failing, so that a failure names all that differ (under torch
+    # 2.11 on the lent GPU machine both Inductor tests failed at their first convolution's weight
+    # gradient, where a first-difference check stopped; not seen under the torch CI installs)
+    wrong = []
+    for name, e in expected.items():
+        try:
+            torch.testing.assert_close(got[name], e, atol=1e-10, rtol=1e-8)
+        except AssertionError as error:
+            wrong.append(f"{name}: {str(error).splitlines()[-1].strip()}")
+    assert not wrong, f"compiled ({compiler}) and eager differ in " + "; ".join(wrong)
 
 
 def test_torch_backend_compiles_without_graph_breaks():

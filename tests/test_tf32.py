@@ -12,13 +12,13 @@ from test_attention import make_prior
 
 import fastcaps
 from conftest import (
-    CUDA,
     SHAPES,
     TF32_TOLERANCE,
     TRITON,
     as_float64_leaf,
     assert_close,
     make_layer_inputs,
+    skip_cpu_triton_beside_a_gpu,
 )
 from fastcaps import reference
 
@@ -48,8 +48,7 @@ def tf32_truncated(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def dot_device(device):
-    if device.type == "cpu" and CUDA:
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, off when a GPU is present")
+    skip_cpu_triton_beside_a_gpu(device)
     from fastcaps.backend import load_triton_ops
 
     load_triton_ops()  # under the interpreter: installs the TF32 rounding
