@@ -489,6 +489,22 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}" if x < 1000 else f"{x:,.0f}"
 
 
+def baseline_columns(path: Path) -> dict:
+    """The totals of an earlier report.json, for the "before" columns (its measured totals
+    too, when it was measured)."""
+    keep = ("op", "layer", "dtype", "provider", "forward_us", "backward_us")
+    earlier = json.loads(path.read_text())
+    measured = earlier.get("measured", {})
+    rows = []
+    for b in earlier["scenarios"]:
+        row = {k: b[k] for k in keep}
+        got = measured.get(f"{b['op']}|{b['layer']['id']}|{b['dtype']}")
+        if b["provider"] == "triton" and not b.get("options") and got:
+            row["measured_us"] = sum(got)
+        rows.append(row)
+    return {"baseline_source": str(path), "baseline": rows}
+
+
 def write_report(data: dict, out: Path) -> Path:
     lines = [
         "# Static sm_90 (H100) cost report",
@@ -519,11 +535,24 @@ def write_report(data: dict, out: Path) -> Path:
     baseline = {(b["op"], b["layer"]["id"], b["dtype"], b["provider"]): b
                 for b in data.get("baseline", [])}  # fmt: skip
     measured = data.get("measured", {})
+    measured_before = any("measured_us" in b for b in baseline.values())
     lines += ["## Summary (forward + backward)", ""]
+    if measured:
+        lines += [
+            f"Measured on {data.get('measured_on', 'a GPU')}: the mean CUDA time of the Triton "
+            "launches (torch.profiler), beside their model.",
+            "",
+        ]
     head = "| op | layer | dtype | triton us | FFMA-only us | torch us | torch / triton |"
     sep = "|---|---|---|---|---|---|---|"
     if baseline:
         head += " triton before us | before / after |"
+        sep += "---|---|"
+    if measured:
+        head += " measured us | measured / model |"
+        sep += "---|---|"
+    if measured_before:
+        head += " measured before us | measured before / after |"
         sep += "---|---|"
     lines += [head, sep]
     by_key = {(s["op"], s["layer"]["id"], s["dtype"], s["provider"]): s
@@ -535,9 +564,15 @@ def write_report(data: dict, out: Path) -> Path:
         row = f"| {op} | {layer_id} | {dtype} | {_fmt(_total(s))} | "
         row += f"{_fmt(ffma_floor_us(s, data['model']))} | "
         row += f"{_fmt(_total(t))} | {_total(t) / _total(s):.2f}x |" if t else " | |"
+        b = baseline.get((op, layer_id, dtype, provider))
         if baseline:
-            b = baseline.get((op, layer_id, dtype, provider))
             row += f" {_fmt(_total(b))} | {_total(b) / _total(s):.1f}x |" if b else " | |"
+        got = sum(measured.get(f"{op}|{layer_id}|{dtype}", [])) or None
+        if measured:
+            row += f" {_fmt(got)} | {got / _total(s):.2f}x |" if got else " | |"
+        if measured_before:
+            earlier = b.get("measured_us") if b else None
+            row += f" {_fmt(earlier)} | {earlier / got:.1f}x |" if earlier and got else " | |"
         lines.append(row)
     opt_ins = [t for t in scenarios if t["options"].get("float32_precision")]
     if opt_ins:
@@ -697,9 +732,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fastcaps-from", type=Path,
                         help="model the fastcaps of another checkout (e.g. a `git worktree` of an "
                              "older commit, for --baseline)")  # fmt: skip
+    parser.add_argument("--render", type=Path, metavar="REPORT_JSON",
+                        help="rewrite an earlier report.json and its report.md in --out "
+                             "(with --baseline, its before columns replaced); compiles "
+                             "nothing")  # fmt: skip
+    parser.add_argument("--measured-on", metavar="GPU",
+                        help="with --render: the GPU that measured it, if the JSON lacks "
+                             "it")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes compiling in parallel (default: %(default)s)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.render:
+        data = json.loads(args.render.read_text())
+        if args.baseline:
+            data |= baseline_columns(args.baseline)
+        if args.measured_on and "measured_on" not in data:
+            data["measured_on"] = args.measured_on
+        args.out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(args.out / "report.json", json.dumps(data, default=str))
+        print(f"wrote {write_report(data, args.out)} and report.json")
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: this tool compiles the kernels for sm_90")
     import torch
@@ -779,14 +831,12 @@ def main(argv: list[str] | None = None) -> int:
         "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(HOPPER).items()},
         "scenarios": scenarios,
     }
-    if args.baseline:  # the totals of an earlier report, for its "before" column
-        keep = ("op", "layer", "dtype", "provider", "forward_us", "backward_us")
-        data["baseline_source"] = str(args.baseline)
-        earlier = json.loads(args.baseline.read_text())["scenarios"]
-        data["baseline"] = [{k: b[k] for k in keep} for b in earlier]
+    if args.baseline:
+        data |= baseline_columns(args.baseline)
     if args.measure:
         _use_fastcaps_from(origin)  # time the kernels that were modelled
         data["measured"] = measure(scenarios)
+        data["measured_on"] = torch.cuda.get_device_name()
     args.out.mkdir(parents=True, exist_ok=True)
     _atomic_write(args.out / "report.json", json.dumps(data, default=str))
     path = write_report(data, args.out)

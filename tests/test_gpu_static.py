@@ -201,3 +201,41 @@ def test_gpu_session_script_refuses_to_run_without_cuda(tmp_path):
     assert result.returncode == 2
     assert "needs a CUDA GPU" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_render_puts_measured_times_beside_the_model(tmp_path):
+    """--render rewrites a report from its JSON: measured / model, and with a measured
+    --baseline its measured before / after, in the summary."""
+    from benchmarks.gpu_static import main
+
+    layer = {"id": "mnist-B128", "name": "mnist", "B": 128}
+
+    def scenario(provider, forward_us, backward_us):
+        return {"op": "capsule_routing", "layer": layer, "dtype": "float32",
+                "provider": provider, "options": {}, "launches": [],
+                "forward_us": forward_us, "backward_us": backward_us}  # fmt: skip
+
+    from dataclasses import asdict
+
+    from benchmarks.static_sm90 import HOPPER
+
+    model = asdict(HOPPER)
+    after = {"torch": "2.11", "triton": "3.6", "model": model,
+             "scenarios": [scenario("triton", 100.0, 200.0), scenario("torch", 400.0, 500.0)],
+             "measured": {"capsule_routing|mnist-B128|float32": [250.0, 500.0]}}  # fmt: skip
+    before = {"torch": "2.11", "triton": "3.6", "model": model,
+              "scenarios": [scenario("triton", 300.0, 700.0)],
+              "measured": {"capsule_routing|mnist-B128|float32": [1500.0, 4500.0]}}  # fmt: skip
+    (tmp_path / "after.json").write_text(json.dumps(after))
+    (tmp_path / "before.json").write_text(json.dumps(before))
+    out = tmp_path / "out"
+    assert main(["--render", str(tmp_path / "after.json"), "--baseline",
+                 str(tmp_path / "before.json"), "--measured-on", "NVIDIA H200",
+                 "--out", str(out)]) == 0  # fmt: skip
+    text = (out / "report.md").read_text()
+    assert "Measured on NVIDIA H200" in text
+    row = next(line for line in text.splitlines() if line.startswith("| capsule_routing"))
+    # model 300, torch 900 (3.00x), before 1000 (3.3x), measured 750 (2.50x), before 6000 (8.0x)
+    assert row.split(" | ")[3:] == ["300.0", "0.0", "900.0", "3.00x", "1,000", "3.3x",
+                                    "750.0", "2.50x", "6,000", "8.0x |"]  # fmt: skip
+    assert json.loads((out / "report.json").read_text())["measured_on"] == "NVIDIA H200"
