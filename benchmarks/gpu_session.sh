@@ -9,9 +9,10 @@
 #   1. the test suite on CUDA (float16 and bfloat16 included; the CPU cases and the slow ones, CI
 #      runs them, are left out), verbose, so that a step cut short still names every failure;
 #   2. the static sm_90 model of every Triton kernel beside its measured time (gpu_static --measure),
-#      and the same for the kernels before the redesign at the MNIST layer, if carried in
-#      data/fastcaps-181097f (mkdir -p data/fastcaps-181097f && git archive 181097f fastcaps
-#      kernels | tar -x -C data/fastcaps-181097f);
+#      capsule_routing under other tilings than the plan's (benchmarks/tiling_sweep.py), and the
+#      kernels before the redesign at the MNIST layer, if carried in data/fastcaps-181097f
+#      (measured once already, 2026-11-28: mkdir -p data/fastcaps-181097f && git archive 181097f
+#      fastcaps kernels | tar -x -C data/fastcaps-181097f);
 #   3. two short epochs of each model (CapsNet, Efficient-CapsNet, and Efficient-CapsNet under
 #      torch.compile) for the warm time per epoch;
 #   4. the benchmarks, one JSON per step (pytest-benchmark writes its JSON only at the end): the
@@ -83,6 +84,8 @@ step tests 28 "$py" -m pytest tests -v -n 16 -p no:cacheprovider -m "not slow" -
 baseline=()
 [ -f benchmarks/results/static-sm90/report.json ] && baseline=(--baseline benchmarks/results/static-sm90/report.json)
 step static-sm90 20 "$py" -m benchmarks.gpu_static --measure --out "$work/static-sm90" "${baseline[@]}"
+step tiling-sweep 10 "$py" -m benchmarks.tiling_sweep --out "$work/tiling-sweep" \
+    --budget-s $((budget / 14))
 before=data/fastcaps-181097f  # the kernels before the redesign (issue 10), if carried
 if [ -d "$before" ]; then
     step static-sm90-181097f 7 "$py" -m benchmarks.gpu_static --quick --measure \

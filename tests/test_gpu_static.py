@@ -239,3 +239,18 @@ def test_render_puts_measured_times_beside_the_model(tmp_path):
     assert row.split(" | ")[3:] == ["300.0", "0.0", "900.0", "3.00x", "1,000", "3.3x",
                                     "750.0", "2.50x", "6,000", "8.0x |"]  # fmt: skip
     assert json.loads((out / "report.json").read_text())["measured_on"] == "NVIDIA H200"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_tiling_sweep_times_the_plan_first_and_stops_at_its_budget(tmp_path):
+    """The sweep a GPU lease runs: with no budget left it still times the plan's tiling (its
+    reference), then stops and says so; its JSON is written."""
+    from benchmarks.tiling_sweep import main
+
+    assert (
+        main(["--out", str(tmp_path), "--layer", "3", "5", "2", "3", "2", "--budget-s", "0"]) == 0
+    )
+    data = json.loads((tmp_path / "tiling-sweep.json").read_text())
+    (case,) = data["cases"]
+    assert case["override"] == {} and case["relative_difference"] == 0.0 and case["ms"] > 0
+    assert data["stopped"] == "budget of 0 s spent"

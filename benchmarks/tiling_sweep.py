@@ -1,0 +1,127 @@
+"""capsule_routing (forward + backward) timed under other tilings than the plan's, each checked
+against the plan's own result: what a GPU lease can decide and the static model cannot.
+
+The H200 lease of 2026-11-28 measured the routing kernels 2-4x slower than their model; they run
+one wave of large programs (8 warps, up to 255 registers: one block per SM), and the model's
+issue rate is full from 2 resident warps per scheduler. More, smaller programs keep more warps
+resident; the model calls them slower (MNIST B=128 float32 260.9 -> 291.6 us with 264 programs).
+This sweep measures them::
+
+    python -m benchmarks.tiling_sweep --out DIR [--budget-s 60] [--batch 128]
+
+Writes DIR/tiling-sweep.json after every case (so a step cut at its limit keeps what finished):
+per dtype and tiling override (see ``fastcaps.triton_launch.override_routing_plan``), the median
+time in ms (``triton.testing.do_bench``; on a CPU under the interpreter one timed call, which
+means nothing but checks the script) and the largest difference from the plan's output and
+gradients, relative to their largest value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_static import Layer, _atomic_write, _inputs, mnist
+
+# the plan's tiling first: every other case is compared with it
+OVERRIDES: list[dict] = [
+    {},
+    {"programs": 264},
+    {"programs": 528},
+    {"block_b": 16},
+    {"block_b": 16, "programs": 528},
+    {"block_b": 32, "programs": 264},
+]
+DTYPES = ("float32", "bfloat16")
+
+
+def forward_backward(u: torch.Tensor, weight: torch.Tensor, layer) -> list[torch.Tensor]:
+    """v and the gradients of sum(v) for u and weight, by the Triton backend."""
+    import fastcaps
+
+    v = fastcaps.capsule_routing(u, weight, layer.R, backend="triton")
+    return [v.detach(), *torch.autograd.grad(v.sum(), (u, weight))]
+
+
+def relative_difference(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """The largest |got - expected| of each tensor over its largest |expected|, the worst."""
+    worst = 0.0
+    for g, e in zip(got, expected, strict=True):
+        scale = e.abs().max().clamp_min(1e-30)
+        worst = max(worst, float((g.float() - e.float()).abs().max() / scale.float()))
+    return worst
+
+
+def time_ms(run) -> float:
+    """The median of ``triton.testing.do_bench`` on a GPU; one timed call elsewhere."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(run, return_mode="median"))
+    started = time.perf_counter()
+    run()
+    return (time.perf_counter() - started) * 1e3
+
+
+def sweep(layer, dtypes, overrides, device: str, budget_s: float, out: Path) -> dict:
+    from fastcaps.triton_launch import override_routing_plan
+
+    started = time.monotonic()
+    data = {
+        "layer": layer.id,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+        "torch": torch.__version__,
+        "cases": [],
+    }
+    for dtype_name in dtypes:
+        u, weight = _inputs("capsule_routing", layer, getattr(torch, dtype_name), device)
+        expected = None
+        for override in overrides:
+            if data["cases"] and time.monotonic() - started > budget_s:
+                data["stopped"] = f"budget of {budget_s:.0f} s spent"
+                _atomic_write(out / "tiling-sweep.json", json.dumps(data, indent=1))
+                return data
+            with override_routing_plan(**override):
+                got = forward_backward(u, weight, layer)  # compiles this tiling's kernels
+                ms = time_ms(lambda u=u, weight=weight: forward_backward(u, weight, layer))
+            expected = got if expected is None else expected
+            case = {"dtype": dtype_name, "override": override, "ms": ms,
+                    "relative_difference": relative_difference(got, expected)}  # fmt: skip
+            data["cases"].append(case)
+            print(f"{dtype_name} {override or 'plan'}: {ms:.4f} ms, "
+                  f"differs by {case['relative_difference']:.2e}", flush=True)  # fmt: skip
+            _atomic_write(out / "tiling-sweep.json", json.dumps(data, indent=1))
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for tiling-sweep.json")
+    parser.add_argument("--batch", type=int, default=128, help="B of the MNIST layer (128)")
+    parser.add_argument("--budget-s", type=float, default=60.0,
+                        help="start no case after this many seconds, the plan's first one "
+                             "excepted (60)")  # fmt: skip
+    parser.add_argument("--layer", nargs=5, type=int, metavar=("B", "NIN", "NOUT", "DOUT", "DIN"),
+                        help="another layer than MNIST's (tests use a small one)")  # fmt: skip
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("without a GPU set TRITON_INTERPRET=1 (the kernels then run on the CPU)")
+    if args.layer:
+        b, n_in, n_out, d_out, d_in = args.layer
+        layer = Layer("custom", b, n_in, n_out, d_out, d_in)
+    else:
+        layer = mnist(args.batch)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sweep(layer, DTYPES if device == "cuda" else ("float32",), OVERRIDES, device, args.budget_s,
+          args.out)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
