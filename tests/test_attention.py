@@ -13,6 +13,7 @@ from conftest import (
     CUDA,
     SHAPES,
     TRITON,
+    TRITON_DEVICE,
     TRITON_PATHS,
     Shape,
     as_float64_leaf,
@@ -161,29 +162,31 @@ def test_exp_squash_is_exact_at_every_norm(on_device, backend, dtype):
 @pytest.mark.parametrize(
     "backend",
     ["reference", "torch",
-     pytest.param("triton", marks=pytest.mark.skipif(not TRITON or CUDA, reason="the triton "
-                  "backend on CPU tensors needs triton and the interpreter (no GPU)"))],
+     pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs triton"))],
 )  # fmt: skip
 def test_exp_squash_at_zero_and_at_extreme_norms(backend):
-    """0 with an identity Jacobian at s = 0; finite and right for tiny and huge norms."""
-    zero = torch.zeros(4, dtype=torch.float64)
+    """0 with an identity Jacobian at s = 0; finite and right for tiny and huge norms (triton on
+    the GPU when present, else under the interpreter)."""
+    device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    zero = torch.zeros(4, dtype=torch.float64, device=device)
     jacobian = torch.autograd.functional.jacobian(
         lambda x: fastcaps.exp_squash(x, backend=backend), zero
     )
     assert torch.equal(fastcaps.exp_squash(zero, backend=backend), zero)
-    torch.testing.assert_close(jacobian, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(jacobian, torch.eye(4, dtype=torch.float64, device=device))
     if backend == "reference":
         return  # the plain formula is not claimed for extreme norms
     big = torch.finfo(torch.float32).max
     s = torch.tensor([[big, big, -big], [3e30, 0, 0], [1e-30, 2e-30, 0], [1e-45, 0, 0]])
-    s.requires_grad_()
+    s = s.to(device).requires_grad_()
     v = fastcaps.exp_squash(s, backend=backend)
     (gs,) = torch.autograd.grad(v.sum(), s)
     assert torch.isfinite(v).all() and torch.isfinite(gs).all()
+    v, gs, s = v.cpu(), gs.cpu(), s.detach().cpu()
     torch.testing.assert_close(v[0].norm(), torch.tensor(1.0))
     torch.testing.assert_close(v[1], torch.tensor([1.0, 0.0, 0.0]))
     # |s| << 1: v = s (1 - |s| / 2 + ...) to float32 precision, Jacobian the identity
-    torch.testing.assert_close(v[2], s[2].detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(v[2], s[2], rtol=1e-6, atol=0)
     torch.testing.assert_close(gs[2], torch.ones(3), rtol=1e-6, atol=0)
 
 

@@ -74,7 +74,10 @@ def compile_and_compare(backend: str, compiler: str, device, build=None) -> None
         try:
             torch.testing.assert_close(got[name], e, atol=1e-10, rtol=1e-8)
         except AssertionError as error:
-            wrong.append(f"{name}: {str(error).splitlines()[-1].strip()}")
+            # the norm ratio tells a doubled or dropped gradient from a wrong one
+            ratio = got[name].norm() / e.norm() if e.norm() > 0 else float("inf")
+            wrong.append(f"{name} (|compiled| / |eager| {ratio:.4f}): "
+                         f"{str(error).splitlines()[-1].strip()}")  # fmt: skip
     assert not wrong, f"compiled ({compiler}) and eager differ in " + "; ".join(wrong)
 
 
