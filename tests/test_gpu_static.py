@@ -235,9 +235,10 @@ def test_render_puts_measured_times_beside_the_model(tmp_path):
     text = (out / "report.md").read_text()
     assert "Measured on NVIDIA H200" in text
     row = next(line for line in text.splitlines() if line.startswith("| capsule_routing"))
-    # model 300, torch 900 (3.00x), before 1000 (3.3x), measured 750 (2.50x), before 6000 (8.0x)
-    assert row.split(" | ")[3:] == ["300.0", "0.0", "900.0", "3.00x", "1,000", "3.3x",
-                                    "750.0", "2.50x", "6,000", "8.0x |"]  # fmt: skip
+    # model 300 (latency-aware 0.0: no launches), torch 900 (3.00x), before 1000 (3.3x),
+    # measured 750 (2.50x), before 6000 (8.0x)
+    assert row.split(" | ")[3:] == ["300.0", "0.0", "0.0", "900.0", "3.00x", "1,000", "3.3x",
+                                    "750.0", "2.50x", "", "6,000", "8.0x |"]  # fmt: skip
     assert json.loads((out / "report.json").read_text())["measured_on"] == "NVIDIA H200"
 
 
@@ -254,3 +255,23 @@ def test_tiling_sweep_times_the_plan_first_and_stops_at_its_budget(tmp_path):
     (case,) = data["cases"]
     assert case["override"] == {} and case["relative_difference"] == 0.0 and case["ms"] > 0
     assert data["stopped"] == "budget of 0 s spent"
+
+
+def test_latency_term_runs_resident_blocks_side_by_side():
+    """Two programs per SM take two rounds of one warp's instructions when one block fits, one
+    round when two do; the latency-aware total takes the largest of issue, memory and latency."""
+    from dataclasses import asdict
+
+    from benchmarks.gpu_static import WARP_CYCLES_PER_INSTRUCTION, latency_aware_us, latency_us
+    from benchmarks.static_sm90 import HOPPER
+
+    model = asdict(HOPPER)
+    launch = {"programs": 2 * model["sms"], "num_warps": 8, "blocks_per_sm": 1,
+              "dynamic_per_program": {"FFMA": 6000.0, "LDS": 2000.0},  # 1000 per warp
+              "issue_us": 1.0, "memory_us": 2.0, "launch_us": 2.0}  # fmt: skip
+    one_round = 1000 * WARP_CYCLES_PER_INSTRUCTION / model["clock_hz"] * 1e6
+    assert latency_us(launch, model) == pytest.approx(2 * one_round)
+    assert latency_us(launch | {"blocks_per_sm": 2}, model) == pytest.approx(one_round)
+    assert latency_aware_us({"launches": [launch]}, model) == pytest.approx(2 * one_round + 2.0)
+    slow_memory = launch | {"memory_us": 100.0}
+    assert latency_aware_us({"launches": [slow_memory]}, model) == pytest.approx(102.0)
