@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fastcaps import reference
 from fastcaps.backend import register_triton_op
+from fastcaps.custom_ops import custom_op
 from fastcaps.torch_backend import graph_grads
 from fastcaps.triton_routing import (
     Attention,
@@ -63,7 +64,7 @@ def _prior_grad_fake(prior: Tensor | None, like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastcaps::attention_routing", mutates_args=())
+@custom_op("fastcaps::attention_routing")
 def attention_routing_op(u_hat: Tensor, prior: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(v, s_all, V_all)."""
     return _forward(PairSource(u_hat=u_hat), prior)
@@ -75,7 +76,7 @@ def _(u_hat, prior):
     return routing_state_fake(batch, n_out, d_out, Attention.iterations, u_hat)
 
 
-@torch.library.custom_op("fastcaps::attention_routing_backward", mutates_args=())
+@custom_op("fastcaps::attention_routing_backward")
 def attention_routing_backward_op(
     u_hat: Tensor,
     prior: Tensor | None,
@@ -113,8 +114,8 @@ def _attention_routing_grad(ctx, grad_v: Tensor, _grad_s_all, _grad_V_all):
     return (grad_u_hat if needs[0] else None), (grad_prior if needs[1] else None)
 
 
-torch.library.register_autograd(
-    "fastcaps::attention_routing", _attention_routing_grad, setup_context=_setup_attention_routing
+attention_routing_op.register_autograd(
+    _attention_routing_grad, setup_context=_setup_attention_routing
 )
 
 
@@ -129,7 +130,7 @@ def attention_routing(u_hat: Tensor, prior: Tensor | None = None) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastcaps::capsule_attention_routing", mutates_args=())
+@custom_op("fastcaps::capsule_attention_routing")
 def capsule_attention_routing_op(
     u: Tensor, weight: Tensor, prior: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,7 +144,7 @@ def _(u, weight, prior):
                               Attention.iterations, u)  # fmt: skip
 
 
-@torch.library.custom_op("fastcaps::capsule_attention_routing_backward", mutates_args=())
+@custom_op("fastcaps::capsule_attention_routing_backward")
 def capsule_attention_routing_backward_op(
     u: Tensor,
     weight: Tensor,
@@ -177,8 +178,7 @@ def _capsule_attention_routing_grad(ctx, grad_v: Tensor, _grad_s_all, _grad_V_al
     return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
 
 
-torch.library.register_autograd(
-    "fastcaps::capsule_attention_routing",
+capsule_attention_routing_op.register_autograd(
     _capsule_attention_routing_grad,
     setup_context=_setup_capsule_attention_routing,
 )

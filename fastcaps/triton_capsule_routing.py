@@ -52,6 +52,7 @@ from torch import Tensor
 
 from fastcaps import reference
 from fastcaps.backend import register_triton_op
+from fastcaps.custom_ops import custom_op
 from fastcaps.torch_backend import routing_graph_grads
 from fastcaps.triton_routing import (
     PairSource,
@@ -63,7 +64,7 @@ from fastcaps.triton_routing import (
 )
 
 
-@torch.library.custom_op("fastcaps::capsule_routing", mutates_args=())
+@custom_op("fastcaps::capsule_routing")
 def capsule_routing_op(
     u: Tensor,
     weight: Tensor,
@@ -81,7 +82,7 @@ def _(u, weight, bias, iterations, detach_logits, eps):
     return routing_state_fake(u.shape[0], weight.shape[1], weight.shape[2], iterations, u)
 
 
-@torch.library.custom_op("fastcaps::capsule_routing_backward", mutates_args=())
+@custom_op("fastcaps::capsule_routing_backward")
 def capsule_routing_backward_op(
     u: Tensor,
     weight: Tensor,
@@ -127,9 +128,7 @@ def _capsule_routing_grad(ctx, grad_v: Tensor, _grad_s_all, _grad_V_all):
     )
 
 
-torch.library.register_autograd(
-    "fastcaps::capsule_routing", _capsule_routing_grad, setup_context=_setup_capsule_routing
-)
+capsule_routing_op.register_autograd(_capsule_routing_grad, setup_context=_setup_capsule_routing)
 
 
 @register_triton_op("capsule_routing")

@@ -9,11 +9,12 @@ from torch import Tensor
 
 from fastcaps import reference
 from fastcaps.backend import register_triton_op
+from fastcaps.custom_ops import custom_op
 from fastcaps.torch_backend import graph_grads
 from fastcaps.triton_squash import squash_backward, squash_forward
 
 
-@torch.library.custom_op("fastcaps::exp_squash", mutates_args=())
+@custom_op("fastcaps::exp_squash")
 def exp_squash_op(s: Tensor) -> Tensor:
     """exp_squash over the last dim (the Triton forward kernel)."""
     return squash_forward(s, 0.0, exp=True)
@@ -24,7 +25,7 @@ def _(s: Tensor) -> Tensor:
     return s.new_empty(s.shape)
 
 
-@torch.library.custom_op("fastcaps::exp_squash_backward", mutates_args=())
+@custom_op("fastcaps::exp_squash_backward")
 def exp_squash_backward_op(s: Tensor, grad_v: Tensor) -> Tensor:
     """grad s of ``fastcaps::exp_squash`` (the Triton backward kernel)."""
     return squash_backward(s, grad_v, 0.0, exp=True)
@@ -47,7 +48,7 @@ def _grad(ctx, grad_v: Tensor) -> Tensor:
     return exp_squash_backward_op(s, grad_v)
 
 
-torch.library.register_autograd("fastcaps::exp_squash", _grad, setup_context=_setup)
+exp_squash_op.register_autograd(_grad, setup_context=_setup)
 
 
 @register_triton_op("exp_squash")

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fastcaps import reference
 from fastcaps.backend import register_triton_op
+from fastcaps.custom_ops import custom_op
 from fastcaps.kernels.predictions import predictions_backward_kernel, predictions_forward_kernel
 from fastcaps.torch_backend import graph_grads
 from fastcaps.triton_launch import compute_dtype, predictions_plan
@@ -76,7 +77,7 @@ def predictions_backward(
     return grad_u, grad_weight
 
 
-@torch.library.custom_op("fastcaps::predictions", mutates_args=())
+@custom_op("fastcaps::predictions")
 def predictions_op(u: Tensor, weight: Tensor) -> Tensor:
     """u_hat [B, Nin, Nout, Dout] (the Triton forward kernel)."""
     return predictions_forward(u, weight)
@@ -87,7 +88,7 @@ def _(u: Tensor, weight: Tensor) -> Tensor:
     return u.new_empty(u.shape[0], u.shape[1], weight.shape[1], weight.shape[2])
 
 
-@torch.library.custom_op("fastcaps::predictions_backward", mutates_args=())
+@custom_op("fastcaps::predictions_backward")
 def predictions_backward_op(
     grad_u_hat: Tensor, u: Tensor, weight: Tensor, need_u: bool, need_weight: bool
 ) -> tuple[Tensor, Tensor]:
@@ -120,9 +121,7 @@ def _predictions_grad(ctx, grad_u_hat: Tensor) -> tuple[Tensor | None, Tensor | 
     return (grad_u if need_u else None), (grad_weight if need_weight else None)
 
 
-torch.library.register_autograd(
-    "fastcaps::predictions", _predictions_grad, setup_context=_setup_predictions
-)
+predictions_op.register_autograd(_predictions_grad, setup_context=_setup_predictions)
 
 
 @register_triton_op("predictions")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fastcaps import reference, torch_backend
 from fastcaps.backend import register_triton_op
+from fastcaps.custom_ops import custom_op
 from fastcaps.kernels.routing import (
     routing_backward_combine_kernel,
     routing_backward_pairs_kernel,
@@ -366,7 +367,7 @@ def save_routing_options(
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-@torch.library.custom_op("fastcaps::dynamic_routing", mutates_args=())
+@custom_op("fastcaps::dynamic_routing")
 def dynamic_routing_op(
     u_hat: Tensor, bias: Tensor | None, iterations: int, detach_logits: bool, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -380,7 +381,7 @@ def _(u_hat, bias, iterations, detach_logits, eps):
     return routing_state_fake(batch, n_out, d_out, iterations, u_hat)
 
 
-@torch.library.custom_op("fastcaps::dynamic_routing_backward", mutates_args=())
+@custom_op("fastcaps::dynamic_routing_backward")
 def dynamic_routing_backward_op(
     u_hat: Tensor,
     s_all: Tensor,
@@ -421,9 +422,7 @@ def _dynamic_routing_grad(ctx, grad_v: Tensor, _grad_s_all, _grad_V_all):
     return (grad_u_hat if need_u_hat else None), bias_grad(ctx, grad_s_all, 1), None, None, None
 
 
-torch.library.register_autograd(
-    "fastcaps::dynamic_routing", _dynamic_routing_grad, setup_context=_setup_dynamic_routing
-)
+dynamic_routing_op.register_autograd(_dynamic_routing_grad, setup_context=_setup_dynamic_routing)
 
 
 @register_triton_op("dynamic_routing")

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fastcaps import reference
 from fastcaps.backend import register_triton_op
+from fastcaps.custom_ops import custom_op
 from fastcaps.kernels.squash import squash_backward_kernel, squash_forward_kernel
 from fastcaps.torch_backend import graph_grads
 from fastcaps.triton_launch import COMPILER_OPTIONS, compute_dtype, vector_launch
@@ -58,7 +59,7 @@ def squash_backward(s: Tensor, grad_v: Tensor, eps: float, exp: bool = False) ->
     return grad_s.view(s.shape)
 
 
-@torch.library.custom_op("fastcaps::squash", mutates_args=())
+@custom_op("fastcaps::squash")
 def squash_op(s: Tensor, eps: float) -> Tensor:
     """squash over the last dim (the Triton forward kernel)."""
     return squash_forward(s, eps)
@@ -69,7 +70,7 @@ def _(s: Tensor, eps: float) -> Tensor:
     return s.new_empty(s.shape)
 
 
-@torch.library.custom_op("fastcaps::squash_backward", mutates_args=())
+@custom_op("fastcaps::squash_backward")
 def squash_backward_op(s: Tensor, grad_v: Tensor, eps: float) -> Tensor:
     """grad s of ``fastcaps::squash`` (the Triton backward kernel)."""
     return squash_backward(s, grad_v, eps)
@@ -93,7 +94,7 @@ def _squash_grad(ctx, grad_v: Tensor) -> tuple[Tensor, None]:
     return squash_backward_op(s, grad_v, ctx.eps), None
 
 
-torch.library.register_autograd("fastcaps::squash", _squash_grad, setup_context=_setup_squash)
+squash_op.register_autograd(_squash_grad, setup_context=_setup_squash)
 
 
 @register_triton_op("squash")

@@ -651,3 +651,20 @@ def test_chunk_budget_errors_name_the_setting(monkeypatch):
         torch_backend.set_chunk_bytes(None)
     with pytest.raises(ValueError, match=r"budget must be a number of bytes >= 1 or None, got 0"):
         torch_backend.set_chunk_bytes(0)
+
+
+def test_plans_are_cached_per_layer_precision_and_override(float32_matmul_precision):
+    """One plan object per (layer, device, float32 matmul precision, override): made once, and
+    never served for another setting."""
+    from fastcaps.triton_launch import override_routing_plan, predictions_plan, routing_plan
+
+    layer = (128, 1152, 10, 16, 8, torch.float32, "cpu")
+    float32_matmul_precision("highest")
+    plan = routing_plan(*layer)
+    assert routing_plan(*layer) is plan
+    assert predictions_plan(*layer) is predictions_plan(*layer)
+    with override_routing_plan(block_b=16):
+        assert routing_plan(*layer).forward.block_b == 16 != plan.forward.block_b
+    assert routing_plan(*layer) is plan
+    float32_matmul_precision("high")
+    assert routing_plan(*layer).forward.precision == "tf32x3" != plan.forward.precision

@@ -275,3 +275,17 @@ def test_latency_term_runs_resident_blocks_side_by_side():
     assert latency_aware_us({"launches": [launch]}, model) == pytest.approx(2 * one_round + 2.0)
     slow_memory = launch | {"memory_us": 100.0}
     assert latency_aware_us({"launches": [slow_memory]}, model) == pytest.approx(102.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_host_overhead_times_both_ways_and_restores_the_launcher():
+    from triton.runtime import interpreter
+
+    from benchmarks.host_overhead import main
+
+    run = interpreter.InterpretedFunction.run
+    result = main(["--calls", "2", "--capsules", "3"])
+    assert set(result) == {"cached plans", "plans remade per call", "reference aten ops",
+                           "torch aten ops"}  # fmt: skip
+    assert all(value > 0 for value in result.values())
+    assert interpreter.InterpretedFunction.run is run
