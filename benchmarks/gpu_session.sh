@@ -6,19 +6,20 @@
 # never the steps after it. After every step OUT_DIR/gpu-session.tar.gz is rewritten (without
 # checkpoints: the lease returns files of 16 MiB at most), so a call killed at its limit still
 # returns all that finished. Steps, in order:
-#   1. the torch, Triton and reference providers of every op at the MNIST layer, B = 128,
-#      forward + backward (pytest-benchmark writes its JSON only at the end: one JSON per step);
-#   2. capsule_routing under other tilings than the plan's (benchmarks/tiling_sweep.py);
+#   1. the tests the last lease left failing or unreached (exp_squash's exactness test, the
+#      torch.compile tests), with full tracebacks;
+#   2. the torch, Triton and reference providers of every op at the MNIST layer, B = 128,
+#      forward + backward, and the network's training step (pytest-benchmark writes its JSON only
+#      at the end: one JSON per step);
 #   3. the test suite on CUDA (float16 and bfloat16 included; the CPU cases and the slow ones, CI
-#      runs them, are left out), verbose, so that a step cut short still names every failure;
-#   4. the network's training step, torch.compile of the reference at the MNIST layer, and two
-#      short epochs of Efficient-CapsNet under torch.compile;
-#   5. what the first lease measured already: the static sm_90 model of every Triton kernel beside
+#      runs them, are left out), verbose, each failure's traceback written as it happens;
+#   4. torch.compile of the reference at the MNIST layer;
+#   5. what earlier leases measured already: the static sm_90 model of every Triton kernel beside
 #      its measured time (gpu_static --measure), the kernels before the redesign if carried in
 #      data/fastcaps-181097f (mkdir -p data/fastcaps-181097f && git archive 181097f fastcaps
-#      kernels | tar -x -C data/fastcaps-181097f), two short eager epochs of each model, and the
-#      rest of the benchmark sweep one op at a time (`bash benchmarks/run_gpu.sh` is the whole
-#      sweep).
+#      kernels | tar -x -C data/fastcaps-181097f), two short epochs of each model, the tiling
+#      sweep (benchmarks/tiling_sweep.py), and the rest of the benchmark sweep one op at a time
+#      (`bash benchmarks/run_gpu.sh` is the whole sweep).
 # MNIST is read from $FASTCAPS_DATA, else data/mnist (git-ignored: copy ../shared/mnist there and
 # name it, and data/fastcaps-181097f, in the lease's carry).
 set -uo pipefail
@@ -79,27 +80,27 @@ step() {
 } > "$work/env.txt" 2>&1
 cat "$work/env.txt" | tee -a "$log"
 
-# The order follows what the last lease (2026-11-28, H200) left unmeasured: the torch backend beside
-# Triton first, then the tiling sweep, the test suite, torch.compile; what it measured comes last.
+# The order follows what the leases so far (2026-11-28, H200) left open: the tests that failed or
+# were not reached, with full tracebacks; the host-time changes measured (MNIST layer and the
+# network's step); the whole suite; then what they measured already.
 bench() {  # bench NAME SHARE PYTEST-ARGS...: one pytest-benchmark run, its JSON in NAME.json
     local name=$1 share=$2
     shift 2
     step "$name" "$share" "$py" -m pytest -q -p no:cacheprovider --benchmark-enable \
         --benchmark-only --benchmark-max-time 0.2 --benchmark-json "$work/$name.json" "$@"
 }
+step tests-open 6 "$py" -m pytest -v -p no:cacheprovider --tb=long -rfEs \
+    "tests/test_attention.py::test_exp_squash_is_exact_at_every_norm" tests/test_compile.py
 bench bench-mnist 14 benchmarks/test_ops.py \
     -k "mnist-B128-I1152-J10-D16-K8 and full and (torch or triton or reference) and not naive and not compiled"
-step tiling-sweep 8 "$py" -m benchmarks.tiling_sweep --out "$work/tiling-sweep" \
-    --budget-s $((budget / 14))
+bench bench-capsnet 6 benchmarks/test_capsnet.py -k "B128"
+# every failure's traceback goes to tests-failures.log as it happens (tests/conftest.py)
+export FASTCAPS_FAILURE_LOG="$work/tests-failures.log"
 step tests 30 "$py" -m pytest tests -v -n 16 -p no:cacheprovider -m "not slow" -k "not cpu" \
     --tb=short -rfEs --durations=15
-bench bench-capsnet 6 benchmarks/test_capsnet.py -k "B128"
+unset FASTCAPS_FAILURE_LOG
 bench bench-compiled 10 benchmarks/test_ops.py \
     -k "capsule_routing and full and mnist-B128-I1152-J10-D16-K8-R3 and reference-compiled"
-# its batches of 16 ran at about 1,200 images/s eager on an H200 (2026-11-28): compiled beside it
-step train-efficient-compile 10 "$py" train_mnist.py --model efficient --epochs 2 --compile \
-    --train-limit 8000 --val-size 2000 --test-limit 2000 --no-figures --log-every 100 \
-    --output-dir "$work/train-efficient-compile" --overwrite
 baseline=()
 [ -f benchmarks/results/static-sm90/report.json ] && baseline=(--baseline benchmarks/results/static-sm90/report.json)
 step static-sm90 20 "$py" -m benchmarks.gpu_static --measure --out "$work/static-sm90" "${baseline[@]}"
@@ -114,6 +115,8 @@ for model in paper:20000 efficient:8000; do
         --train-limit "${model##*:}" --val-size 2000 --test-limit 2000 --no-figures \
         --log-every 100 --output-dir "$work/train-${model%%:*}" --overwrite
 done
+step tiling-sweep 8 "$py" -m benchmarks.tiling_sweep --out "$work/tiling-sweep" \
+    --budget-s $((budget / 14))
 for op in capsule_routing dynamic_routing predictions squash capsule_attention_routing \
     attention_routing exp_squash; do
     bench "bench-$op" 4 benchmarks/test_ops.py -k "test_op[$op- and not compiled and not mnist-B128-I1152-J10-D16-K8"

@@ -22,6 +22,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_runtest_logreport(report):
+    """With ``FASTCAPS_FAILURE_LOG`` set, every failure's traceback is appended to that file as it
+    happens (by the controller under xdist): a run cut at a time limit, as on a GPU lease, still
+    leaves the tracebacks that pytest would print only at the end."""
+    path = os.environ.get("FASTCAPS_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 def data_folder(name: str) -> Path:
     """A dataset's folder: under $FASTCAPS_DATA when set (a dataset folder or a root of them),
     else ../shared/<name> beside the repository."""
