@@ -397,9 +397,10 @@ def latency_us(launch: dict, model: dict) -> float:
     WARP_CYCLES_PER_INSTRUCTION cycles, no other warp hiding the latency: each SM runs its
     ``ceil(programs / SMs)`` programs in rounds of the blocks resident at once, each round one
     warp's instruction count long."""
+    from benchmarks.static_sm90 import programs_per_sm
+
     per_warp = sum(launch["dynamic_per_program"].values()) / launch["num_warps"]
-    per_sm = math.ceil(launch["programs"] / model["sms"])
-    resident = min(max(launch["blocks_per_sm"], 1), per_sm)
+    per_sm, resident = programs_per_sm(launch["programs"], launch["blocks_per_sm"], model["sms"])
     rounds = math.ceil(per_sm / resident) if per_sm else 0
     return rounds * per_warp * WARP_CYCLES_PER_INSTRUCTION / model["clock_hz"] * 1e6
 
@@ -680,11 +681,26 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(f.name, path)
 
 
+def cuda_kernel_events(step, repeats: int, warmup: int = 3) -> list:
+    """The CUDA kernel events of ``repeats`` calls of ``step`` (after ``warmup`` calls), from
+    torch.profiler, in launch order."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    return [e for e in prof.events() if e.device_type.name == "CUDA"]
+
+
 def measure(scenarios: list[dict], repeats: int = 20) -> dict:
     """On a GPU: the mean CUDA time of every Triton kernel launch of each scenario (in launch
     order), from torch.profiler. Keys: "op|layer id|dtype"."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from fastcaps.backend import _TRITON_OPS, load_triton_ops
 
@@ -700,15 +716,8 @@ def measure(scenarios: list[dict], repeats: int = 20) -> dict:
             out = _call(op, _TRITON_OPS[op], args, layer)
             torch.autograd.grad(out, args, torch.ones_like(out))
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(repeats):
-                step()
-            torch.cuda.synchronize()
         names = [r["kernel"] for r in s["launches"]]
-        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        kernels = cuda_kernel_events(step, repeats)
         ours = [e for e in kernels if any(e.name.startswith(n) for n in set(names))]
         per_launch = [0.0] * len(names)
         for i, e in enumerate(ours[: len(names) * repeats]):

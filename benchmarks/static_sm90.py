@@ -587,6 +587,13 @@ def dynamic_weights(analysis: KernelAnalysis, trips: list[float] | None) -> tupl
     return weights, matched
 
 
+def programs_per_sm(programs: int, blocks_per_sm: int, sms: int) -> tuple[int, int]:
+    """(programs each SM runs, how many of them are resident at once): ``ceil(programs / SMs)``
+    and the blocks that fit an SM side by side (at least 1), at most that many."""
+    per_sm = math.ceil(programs / sms)
+    return per_sm, min(max(blocks_per_sm, 1), per_sm)
+
+
 def model_launch(launch: Launch, analysis: KernelAnalysis, trips: list[float] | None,
                  gpu: Hopper = HOPPER) -> ModelledLaunch:  # fmt: skip
     """The modelled time of one launch (see the module docstring)."""
@@ -613,8 +620,7 @@ def model_launch(launch: Launch, analysis: KernelAnalysis, trips: list[float] | 
     bound_pipe = max(candidates, key=candidates.get)
     program_cycles = candidates[bound_pipe]
     blocks = max(analysis.blocks_per_sm(gpu), 1)
-    per_sm = math.ceil(launch.programs / gpu.sms)
-    resident = min(blocks, per_sm)
+    per_sm, resident = programs_per_sm(launch.programs, blocks, gpu.sms)
     warps_per_scheduler = resident * warps / gpu.schedulers
     efficiency = min(1.0, warps_per_scheduler / gpu.warps_per_scheduler_for_full_issue)
     issue_s = per_sm * program_cycles / efficiency / gpu.clock_hz

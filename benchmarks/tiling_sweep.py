@@ -12,9 +12,10 @@ tilings. This sweep measures them::
 
 Writes DIR/tiling-sweep.json after every case (so a step cut at its limit keeps what finished):
 per dtype and tiling override (see ``fastcaps.triton_launch.override_routing_plan``), the median
-time in ms (``triton.testing.do_bench``; on a CPU under the interpreter one timed call, which
-means nothing but checks the script) and the largest difference from the plan's output and
-gradients, relative to their largest value.
+wall time in ms (``triton.testing.do_bench``; on a CPU under the interpreter one timed call, which
+means nothing but checks the script), on a GPU the CUDA time of its kernels (``kernel_ms``: the
+second lease's wall times, 1.9-2.4 ms for every tiling, were the host's), and the largest
+difference from the plan's output and gradients, relative to their largest value.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_static import Layer, _atomic_write, _inputs, mnist
+from benchmarks.gpu_static import Layer, _atomic_write, _inputs, cuda_kernel_events, mnist
+from benchmarks.harness import gpu_quantiles_ms
 
 # the plan's tiling first: every other case is compared with it
 OVERRIDES: list[dict] = [
@@ -58,14 +60,23 @@ def relative_difference(got: list[torch.Tensor], expected: list[torch.Tensor]) -
 
 
 def time_ms(run) -> float:
-    """The median of ``triton.testing.do_bench`` on a GPU; one timed call elsewhere."""
+    """Wall time: the median of ``triton.testing.do_bench`` on a GPU; one timed call
+    elsewhere."""
     if torch.cuda.is_available():
-        from triton.testing import do_bench
-
-        return float(do_bench(run, return_mode="median"))
+        return float(gpu_quantiles_ms(run, None)[0])
     started = time.perf_counter()
     run()
     return (time.perf_counter() - started) * 1e3
+
+
+def kernel_ms(run, repeats: int = 20) -> float | None:
+    """On a GPU, the CUDA time of every kernel ``run`` launches (torch.profiler), per call: what
+    tilings change, where the wall time at this size is the host's (the H200 lease of
+    2026-11-28: 744 us of kernels in a 2.07 ms forward + backward). None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    kernels = cuda_kernel_events(run, repeats, warmup=1)
+    return sum(e.device_time for e in kernels) / repeats / 1e3
 
 
 def sweep(layer, dtypes, overrides, device: str, budget_s: float, out: Path) -> dict:
@@ -78,24 +89,33 @@ def sweep(layer, dtypes, overrides, device: str, budget_s: float, out: Path) -> 
         "torch": torch.__version__,
         "cases": [],
     }
+
+    def save() -> dict:
+        _atomic_write(out / "tiling-sweep.json", json.dumps(data, indent=1))
+        return data
+
     for dtype_name in dtypes:
         u, weight = _inputs("capsule_routing", layer, getattr(torch, dtype_name), device)
         expected = None
         for override in overrides:
             if data["cases"] and time.monotonic() - started > budget_s:
                 data["stopped"] = f"budget of {budget_s:.0f} s spent"
-                _atomic_write(out / "tiling-sweep.json", json.dumps(data, indent=1))
-                return data
+                return save()
+
+            def step(u=u, weight=weight):
+                return forward_backward(u, weight, layer)
+
             with override_routing_plan(**override):
-                got = forward_backward(u, weight, layer)  # compiles this tiling's kernels
-                ms = time_ms(lambda u=u, weight=weight: forward_backward(u, weight, layer))
+                got = step()  # compiles this tiling's kernels
+                ms, kernels = time_ms(step), kernel_ms(step)
             expected = got if expected is None else expected
-            case = {"dtype": dtype_name, "override": override, "ms": ms,
+            case = {"dtype": dtype_name, "override": override, "ms": ms, "kernel_ms": kernels,
                     "relative_difference": relative_difference(got, expected)}  # fmt: skip
             data["cases"].append(case)
-            print(f"{dtype_name} {override or 'plan'}: {ms:.4f} ms, "
+            kernel_text = "" if kernels is None else f" ({kernels:.4f} ms of kernels)"
+            print(f"{dtype_name} {override or 'plan'}: {ms:.4f} ms{kernel_text}, "
                   f"differs by {case['relative_difference']:.2e}", flush=True)  # fmt: skip
-            _atomic_write(out / "tiling-sweep.json", json.dumps(data, indent=1))
+            save()
     return data
 
 

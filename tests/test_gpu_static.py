@@ -254,6 +254,7 @@ def test_tiling_sweep_times_the_plan_first_and_stops_at_its_budget(tmp_path):
     data = json.loads((tmp_path / "tiling-sweep.json").read_text())
     (case,) = data["cases"]
     assert case["override"] == {} and case["relative_difference"] == 0.0 and case["ms"] > 0
+    assert (case["kernel_ms"] is None) == (not torch.cuda.is_available())
     assert data["stopped"] == "budget of 0 s spent"
 
 
@@ -278,14 +279,15 @@ def test_latency_term_runs_resident_blocks_side_by_side():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-def test_host_overhead_times_both_ways_and_restores_the_launcher():
+def test_host_overhead_times_every_mode_and_restores_the_launcher():
     from triton.runtime import interpreter
 
-    from benchmarks.host_overhead import main
+    from benchmarks.host_overhead import MODES, main
+    from fastcaps import custom_ops
 
     run = interpreter.InterpretedFunction.run
     result = main(["--calls", "2", "--capsules", "3"])
-    assert set(result) == {"cached plans", "plans remade per call", "reference aten ops",
-                           "torch aten ops"}  # fmt: skip
+    assert set(result) == {name for name, _, _ in MODES} | {"reference aten ops",
+                                                            "torch aten ops"}  # fmt: skip
     assert all(value > 0 for value in result.values())
-    assert interpreter.InterpretedFunction.run is run
+    assert interpreter.InterpretedFunction.run is run and custom_ops.DIRECT_CALLS
