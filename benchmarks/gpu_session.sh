@@ -89,7 +89,7 @@ bench() {  # bench NAME SHARE PYTEST-ARGS...: one pytest-benchmark run, its JSON
     step "$name" "$share" "$py" -m pytest -q -p no:cacheprovider --benchmark-enable \
         --benchmark-only --benchmark-max-time 0.2 --benchmark-json "$work/$name.json" "$@"
 }
-step tests-open 6 "$py" -m pytest -v -p no:cacheprovider --tb=long -rfEs \
+step tests-open 12 "$py" -m pytest -v -p no:cacheprovider --tb=long -rfEs \
     "tests/test_attention.py::test_exp_squash_is_exact_at_every_norm" tests/test_compile.py
 bench bench-mnist 14 benchmarks/test_ops.py \
     -k "mnist-B128-I1152-J10-D16-K8 and full and (torch or triton or reference) and not naive and not compiled"
@@ -97,7 +97,7 @@ bench bench-capsnet 6 benchmarks/test_capsnet.py -k "B128"
 # every failure's traceback goes to tests-failures.log as it happens (tests/conftest.py)
 export FASTCAPS_FAILURE_LOG="$work/tests-failures.log"
 step tests 30 "$py" -m pytest tests -v -n 16 -p no:cacheprovider -m "not slow" -k "not cpu" \
-    --tb=short -rfEs --durations=15
+    --ignore=tests/test_compile.py --tb=short -rfEs --durations=15  # test_compile: tests-open
 unset FASTCAPS_FAILURE_LOG
 bench bench-compiled 10 benchmarks/test_ops.py \
     -k "capsule_routing and full and mnist-B128-I1152-J10-D16-K8-R3 and reference-compiled"
