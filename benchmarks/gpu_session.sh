@@ -10,7 +10,7 @@
 #      torch.compile tests), with full tracebacks;
 #   2. the torch, Triton and reference providers of every op at the MNIST layer, B = 128,
 #      forward + backward, and the network's training step (pytest-benchmark writes its JSON only
-#      at the end: one JSON per step);
+#      at the end: one JSON per step); each model's training step profiled (profile_step.py);
 #   3. the test suite on CUDA (float16 and bfloat16 included; the CPU cases and the slow ones, CI
 #      runs them, are left out), verbose, each failure's traceback written as it happens;
 #   4. torch.compile of the reference at the MNIST layer;
@@ -94,6 +94,12 @@ step tests-open 12 "$py" -m pytest -v -p no:cacheprovider --tb=long -rfEs \
 bench bench-mnist 14 benchmarks/test_ops.py \
     -k "mnist-B128-I1152-J10-D16-K8 and full and (torch or triton or reference) and not naive and not compiled"
 bench bench-capsnet 6 benchmarks/test_capsnet.py -k "B128"
+# where a training step's time goes (Efficient-CapsNet at its batch of 16 ran about 1,460 images/s
+# eager and no faster compiled on the H200, 2026-11-28), and CapsNet's beside it
+for run in efficient efficient:--compile paper; do
+    step "profile-${run/:--/-}" 4 "$py" -m benchmarks.profile_step --out "$work/profile" \
+        --model "${run%%:*}" $([ "$run" != "${run#*:}" ] && echo "${run#*:}")
+done
 # every failure's traceback goes to tests-failures.log as it happens (tests/conftest.py)
 export FASTCAPS_FAILURE_LOG="$work/tests-failures.log"
 step tests 30 "$py" -m pytest tests -v -n 16 -p no:cacheprovider -m "not slow" -k "not cpu" \

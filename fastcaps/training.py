@@ -653,6 +653,25 @@ def augment(images: Tensor, config: TrainConfig, generator: torch.Generator) -> 
     return images
 
 
+def train_step(session: Session, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """One optimizer step on a batch of [B, 1, H, W] images in [0, 1] (augmented here): the
+    batch's mean loss and its capsule lengths [B, classes], both detached. No host sync."""
+    config = session.config
+    x = augment(images, config, session.augment)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(session.device, config.amp):
+        out = session.net(x, labels)
+    lengths = out.lengths.float()
+    loss = margin_loss(lengths, labels) + reconstruction_loss(
+        out.reconstructions.float(), x, config.recon_weight
+    )
+    session.optimizer.zero_grad(set_to_none=True)
+    session.scaler.scale(loss).backward()
+    session.scaler.step(session.optimizer)
+    session.scaler.update()
+    return loss.detach(), lengths.detach()
+
+
 def train_epoch(session: Session, epoch: int, stop: StopRequest | None) -> dict[str, Any]:
     """One epoch of steps; returns its totals, or stops early (``step`` < steps) when ``stop``
     is set, with what a checkpoint needs to finish the epoch later."""
@@ -685,21 +704,10 @@ def train_epoch(session: Session, epoch: int, stop: StopRequest | None) -> dict[
     step = first
     for step in range(first, session.steps_per_epoch):
         idx = shard[step * config.batch_size : (step + 1) * config.batch_size]
-        x, y = to_images(images[idx]), labels[idx]
-        x = augment(x, config, session.augment)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, config.amp):
-            out = session.net(x, y)
-        lengths = out.lengths.float()
-        loss = margin_loss(lengths, y) + reconstruction_loss(
-            out.reconstructions.float(), x, config.recon_weight
-        )
-        session.optimizer.zero_grad(set_to_none=True)
-        session.scaler.scale(loss).backward()
-        session.scaler.step(session.optimizer)
-        session.scaler.update()
-        loss_sum += loss.detach() * len(y)
-        correct += (lengths.detach().argmax(dim=1) == y).sum()
+        y = labels[idx]
+        loss, lengths = train_step(session, to_images(images[idx]), y)
+        loss_sum += loss * len(y)
+        correct += (lengths.argmax(dim=1) == y).sum()
         bar.update(len(y) * ddp.world_size)
         last = step == session.steps_per_epoch - 1
         if not bar.disable and (

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, data_folder
 
 # A folder holding Triton 3.6, the lent H100's toolchain, installed with `pip install --no-deps
 # --target DIR triton==3.6.0` (.ci/run does): the check then runs under it as well.
@@ -291,3 +291,19 @@ def test_host_overhead_times_every_mode_and_restores_the_launcher():
                                                             "torch aten ops"}  # fmt: skip
     assert all(value > 0 for value in result.values())
     assert interpreter.InterpretedFunction.run is run and custom_ops.DIRECT_CALLS
+
+
+@pytest.mark.skipif(
+    not (data_folder("mnist") / "train-images-idx3-ubyte.gz").is_file(),
+    reason="real MNIST files not found (set FASTCAPS_DATA)",
+)
+def test_profile_step_times_counts_and_profiles_the_training_step(tmp_path):
+    from benchmarks.profile_step import main
+
+    result = main(["--out", str(tmp_path), "--model", "efficient", "--steps", "1", "--warmup",
+                   "0", "--data-dir", str(data_folder("mnist"))])  # fmt: skip
+    assert result["batch_size"] == 16  # the recipe's
+    assert result["step_ms"] > 0 and result["aten_ops_per_step"] > 100
+    assert (result["cuda_kernel_ms_per_step"] is None) == (not torch.cuda.is_available())
+    table = (tmp_path / "profile-efficient.txt").read_text()
+    assert "Self CPU" in table and json.loads((tmp_path / "profile-efficient.json").read_text())
