@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcaps
 from benchmarks import naive
@@ -272,6 +273,19 @@ def mode_call(fn: Callable, args: tuple, mode: str) -> tuple[Callable, Callable 
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block (on a GPU each is about one kernel
+    launch). Like any dispatch mode, it sends the Triton ops through the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def gpu_quantiles_ms(timed: Callable, setup: Callable | None) -> list[float]:

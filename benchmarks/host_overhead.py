@@ -37,6 +37,13 @@ def stubbed_launches():
         interpreter.InterpretedFunction.run = run
 
 
+def layer_inputs(batch: int, capsules: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """u [B, Nin, 8] and the weight [Nin, 10, 16, 8] of the MNIST layer with ``capsules``
+    input capsules, both requiring grad."""
+    u = torch.randn(batch, capsules, 8, requires_grad=True)
+    return u, torch.randn(capsules, 10, 16, 8, requires_grad=True)
+
+
 # (name, direct calls, cached plans): before this change both were off, and each plan was made
 # twice per pass (forward and backward); "plans remade" makes it once, so it is the lower bound
 MODES = (
@@ -53,8 +60,7 @@ def host_us(batch: int, capsules: int, calls: int, rounds: int = 9) -> dict[str,
     import fastcaps
     from fastcaps import custom_ops, triton_launch
 
-    u = torch.randn(batch, capsules, 8, requires_grad=True)
-    weight = torch.randn(capsules, 10, 16, 8, requires_grad=True)
+    u, weight = layer_inputs(batch, capsules)
 
     def step(cached: bool):
         if not cached:
@@ -83,27 +89,18 @@ def host_us(batch: int, capsules: int, calls: int, rounds: int = 9) -> dict[str,
 def aten_ops(backend: str, batch: int, capsules: int) -> int:
     """Aten ops dispatched by one forward + backward of ``capsule_routing`` on ``backend``
     ("reference" for ``fastcaps.reference``); on a GPU each is about one kernel launch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import fastcaps
+    from benchmarks.harness import AtenOps
     from fastcaps import reference
 
-    class Count(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
-            return func(*args, **(kwargs or {}))
-
-    u = torch.randn(batch, capsules, 8, requires_grad=True)
-    weight = torch.randn(capsules, 10, 16, 8, requires_grad=True)
-    with Count():
+    u, weight = layer_inputs(batch, capsules)
+    with AtenOps() as ops:
         if backend == "reference":
             v = reference.capsule_routing(u, weight, 3)
         else:
             v = fastcaps.capsule_routing(u, weight, 3, backend=backend)
         v.backward(torch.ones_like(v))
-    return Count.ops
+    return ops.count
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

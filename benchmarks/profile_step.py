@@ -22,24 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-
-class AtenOps(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benchmarks.harness import AtenOps, synchronize
 
 
 def profile_step(args: argparse.Namespace) -> dict:
@@ -67,11 +51,11 @@ def profile_step(args: argparse.Namespace) -> dict:
 
     for _ in range(args.warmup):
         step()
-    synchronize(session.device)
+    synchronize(session.device.type)
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
-    synchronize(session.device)
+    synchronize(session.device.type)
     step_ms = (time.perf_counter() - started) / args.steps * 1e3
     with AtenOps() as ops:
         step()
@@ -81,7 +65,7 @@ def profile_step(args: argparse.Namespace) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        synchronize(session.device)
+        synchronize(session.device.type)
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     result = {
         "model": args.model,
